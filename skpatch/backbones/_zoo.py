@@ -1,0 +1,98 @@
+"""The backbones skpatch ships: EfficientNet-Lite (offline weights) and ResNets."""
+
+import functools
+
+import torch
+from torch import nn
+
+from ._efficientnet_lite import (
+    STAGE_STRIDES,
+    build_efficientnet_lite,
+    efficientnet_lite_weights_path,
+)
+from ._registry import Backbone, WeightsUnavailableError, _load_state_dict_file, register_backbone
+
+# The TensorFlow-trained EfficientNet-Lite weights expect inputs in [-1, 1].
+HALF_NORM = ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+IMAGENET_NORM = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+
+
+# --------------------------------------------------------------------- EfficientNet-Lite
+def _load_lite_weights(module, variant):
+    try:
+        path = efficientnet_lite_weights_path(variant)
+    except ImportError as exc:
+        raise WeightsUnavailableError(str(exc)) from exc
+    _load_state_dict_file(module, path)
+
+
+def _register_lite(variant):
+    register_backbone(
+        Backbone(
+            name=f"efficientnet_{variant}",
+            build=functools.partial(build_efficientnet_lite, variant),
+            stages=lambda module: module.stages(),
+            # Strides 4 / 8 / 16, the analogue of ResNet's layer1-3 used by PaDiM.
+            default_layers=("stage1", "stage2", "stage4"),
+            mean=HALF_NORM[0],
+            std=HALF_NORM[1],
+            load_pretrained=functools.partial(_load_lite_weights, variant=variant),
+            strides=dict(STAGE_STRIDES),
+        )
+    )
+
+
+for _variant in ("lite0", "lite1", "lite2"):
+    _register_lite(_variant)
+
+
+# --------------------------------------------------------------------- torchvision ResNets
+def _resnet_stages(module):
+    stem = nn.Sequential(module.conv1, module.bn1, module.relu, module.maxpool)
+    return [("stem", stem)] + [(f"layer{i}", getattr(module, f"layer{i}")) for i in range(1, 5)]
+
+
+def _load_torchvision_weights(module, weights_enum):
+    """Load torchvision's ImageNet weights: from its cache, else by download."""
+    weights = weights_enum.IMAGENET1K_V1
+    try:
+        state_dict = weights.get_state_dict(progress=False, check_hash=True)
+    except Exception as exc:  # URLError, timeout, hash mismatch, ...
+        filename = weights.url.rsplit("/", 1)[-1]
+        cache = torch.hub.get_dir()
+        raise WeightsUnavailableError(
+            f"could not obtain torchvision's ImageNet weights {filename} ({exc!r}). "
+            f"On a machine without internet, copy the file from {weights.url} into "
+            f"{cache}/checkpoints/ (torchvision's cache; TORCH_HOME moves it), or pass "
+            "weights='/path/to/state_dict.pth'. weights=None gives a randomly "
+            "initialized network (for tests only)."
+        ) from exc
+    module.load_state_dict(state_dict, strict=True)
+
+
+def _register_resnet(name, builder, weights_enum):
+    register_backbone(
+        Backbone(
+            name=name,
+            build=functools.partial(builder, weights=None),
+            stages=_resnet_stages,
+            # PaDiM §IV-B: the first three layers of a ResNet.
+            default_layers=("layer1", "layer2", "layer3"),
+            mean=IMAGENET_NORM[0],
+            std=IMAGENET_NORM[1],
+            load_pretrained=functools.partial(_load_torchvision_weights, weights_enum=weights_enum),
+            strides={"stem": 4, "layer1": 4, "layer2": 8, "layer3": 16, "layer4": 32},
+        )
+    )
+
+
+def _register_resnets():
+    from torchvision import models
+
+    _register_resnet("resnet18", models.resnet18, models.ResNet18_Weights)
+    _register_resnet(
+        "wide_resnet50_2", models.wide_resnet50_2, models.Wide_ResNet50_2_Weights
+    )
+
+
+_register_resnets()

@@ -1,0 +1,206 @@
+"""Estimator plumbing shared by every patch detector.
+
+A detector maps patch embeddings ``(n, C, h, w)`` to a patch-score grid
+``(n, h, w)`` (its method, :meth:`_patch_scores`); this base class turns that
+grid into anomaly maps (upsample + Gaussian blur), image scores (max of the
+map), and scikit-learn's outlier interface (``score_samples``,
+``decision_function``, ``predict``, ``offset_`` from ``contamination``).
+
+A 2-D input ``(n, d)`` is a grid of one patch, ``(n, d, 1, 1)``: the image score
+is then the patch score and every detector is an ordinary tabular outlier
+detector, which scikit-learn's common checks exercise.
+"""
+
+from abc import abstractmethod
+from numbers import Integral, Real
+
+import numpy as np
+import torch
+from sklearn.base import BaseEstimator, OutlierMixin
+from sklearn.utils import gen_batches
+from sklearn.utils._chunking import get_chunk_n_rows
+from sklearn.utils._param_validation import Interval
+from sklearn.utils.validation import check_array, check_is_fitted, validate_data
+
+from .._maps import map_size_tuple, postprocess
+from .._torch_utils import as_tensor, resolve_device, to_numpy
+
+
+class BasePatchDetector(OutlierMixin, BaseEstimator):
+    """Base class of the patch detectors (not for direct use).
+
+    Subclasses implement ``fit`` and ``_patch_scores(x)`` and may override
+    ``_image_scores`` when their paper defines another image score than the
+    maximum of the map, and ``_bytes_per_image`` to size the scoring chunks.
+    """
+
+    _parameter_constraints = {
+        "map_size": [Interval(Integral, 1, None, closed="left"), tuple, list, None],
+        "sigma": [Interval(Real, 0, None, closed="left")],
+        "contamination": [Interval(Real, 0, 0.5, closed="right")],
+        "device": [str],
+    }
+
+    # ------------------------------------------------------------------ input
+    def _validate_embeddings(self, X, *, reset):
+        """Check ``X`` and return it as ``(n, C, h, w)`` floats.
+
+        ``reset=True`` records ``n_features_in_`` (C) and ``grid_shape_``
+        (h, w); otherwise ``X`` must match them.
+        """
+        ndim = X.ndim if hasattr(X, "ndim") else np.asarray(X).ndim
+        dtype = [np.float64, np.float32]
+        if ndim == 2 or ndim < 2:
+            # validate_data raises scikit-learn's usual errors (1-D, sparse, n_features).
+            X = validate_data(self, X, reset=reset, dtype=dtype)
+            X = X[:, :, None, None]
+        elif ndim == 4:
+            X = check_array(X, allow_nd=True, dtype=dtype, estimator=self)
+            if reset:
+                self.n_features_in_ = X.shape[1]
+            elif X.shape[1] != self.n_features_in_:
+                raise ValueError(
+                    f"X has {X.shape[1]} features, but {type(self).__name__} is expecting "
+                    f"{self.n_features_in_} features as input."
+                )
+        else:
+            raise ValueError(
+                f"X has shape {np.shape(X)}: expected patch embeddings (n, C, h, w) from "
+                "PatchEmbedder, or a 2-D array (n, d) of one patch per sample."
+            )
+        grid = tuple(X.shape[2:])
+        if reset:
+            self.grid_shape_ = grid
+        elif grid != tuple(self.grid_shape_):
+            raise ValueError(
+                f"X has a {grid[0]}x{grid[1]} grid of patches but {type(self).__name__} was "
+                f"fitted on a {self.grid_shape_[0]}x{self.grid_shape_[1]} grid: embed test "
+                "images with the same PatchEmbedder settings (image_size, crop_size, "
+                "layers) as the training images."
+            )
+        return X
+
+    @staticmethod
+    def _check_n_samples(n_samples, minimum, name):
+        if n_samples < minimum:
+            raise ValueError(
+                f"{name} needs at least {minimum} samples (training images), got "
+                f"{n_samples} sample{'s' if n_samples != 1 else ''}."
+            )
+
+    # ------------------------------------------------------------------ chunks
+    def _bytes_per_image(self, X):
+        """Working memory one image needs while scored (override for heavier methods)."""
+        return 4 * X[0].size * X.itemsize
+
+    def _iter_chunks(self, X, device):
+        """Yield ``(slice, tensor on device)`` chunks sized by ``sklearn.get_config()['working_memory']``."""
+        chunk = get_chunk_n_rows(row_bytes=self._bytes_per_image(X), max_n_rows=len(X))
+        for batch in gen_batches(len(X), chunk):
+            yield batch, as_tensor(X[batch], device)
+
+    # ------------------------------------------------------------------ scores
+    @abstractmethod
+    def _patch_scores(self, x):
+        """Patch anomaly scores ``(n, h, w)`` of embeddings ``x (n, C, h, w)`` (tensors)."""
+
+    def _maps(self, x):
+        """Anomaly maps of a chunk of embeddings: scores, upsampled and blurred."""
+        return postprocess(self._patch_scores(x), map_size_tuple(self.map_size), self.sigma)
+
+    def _image_scores(self, x):
+        """Image anomaly scores of a chunk: the maximum of the anomaly map (PaDiM §III-C)."""
+        if x.shape[-2:] == (1, 1):
+            # A one-patch grid gives a constant map: its maximum is the patch score.
+            return self._patch_scores(x).flatten(1).amax(dim=1)
+        return self._maps(x).flatten(1).amax(dim=1)
+
+    def _anomaly_scores(self, X):
+        """Image anomaly scores (higher = more anomalous) of validated embeddings."""
+        device = resolve_device(self.device)
+        scores = np.empty(len(X), dtype=X.dtype)
+        with torch.inference_mode():
+            for batch, x in self._iter_chunks(X, device):
+                scores[batch] = to_numpy(self._image_scores(x))
+        return scores
+
+    def _set_offset(self, anomaly_scores):
+        """``offset_``: the ``contamination`` quantile of the training ``score_samples``."""
+        self.offset_ = float(np.percentile(-anomaly_scores, 100.0 * self.contamination))
+
+    def _check_scorable(self):
+        check_is_fitted(self)
+
+    def anomaly_map(self, X):
+        """Anomaly maps: patch scores upsampled to ``map_size`` and blurred.
+
+        Parameters
+        ----------
+        X : ndarray of shape (n, C, h, w) or (n, d)
+            Patch embeddings (output of :class:`~skpatch.PatchEmbedder`).
+
+        Returns
+        -------
+        maps : ndarray of shape (n, H, W)
+            Anomaly scores per pixel, higher = more anomalous; ``(H, W)`` is
+            ``map_size`` (the grid size when ``map_size=None``).
+        """
+        self._check_scorable()
+        X = self._validate_embeddings(X, reset=False)
+        device = resolve_device(self.device)
+        out = None
+        with torch.inference_mode():
+            for batch, x in self._iter_chunks(X, device):
+                maps = to_numpy(self._maps(x))
+                if out is None:
+                    out = np.empty((len(X), *maps.shape[1:]), dtype=maps.dtype)
+                out[batch] = maps
+        return out
+
+    def score_samples(self, X):
+        """Opposite of the image anomaly score: higher means more normal.
+
+        Parameters
+        ----------
+        X : ndarray of shape (n, C, h, w) or (n, d)
+            Patch embeddings.
+
+        Returns
+        -------
+        scores : ndarray of shape (n,)
+            Minus the maximum of each anomaly map (scikit-learn's convention
+            for outlier detectors).
+        """
+        self._check_scorable()
+        X = self._validate_embeddings(X, reset=False)
+        return -self._anomaly_scores(X)
+
+    def decision_function(self, X):
+        """``score_samples(X) - offset_``: negative for outliers.
+
+        Parameters
+        ----------
+        X : ndarray of shape (n, C, h, w) or (n, d)
+            Patch embeddings.
+
+        Returns
+        -------
+        decision : ndarray of shape (n,)
+            Shifted scores; the threshold is 0.
+        """
+        return self.score_samples(X) - self.offset_
+
+    def predict(self, X):
+        """Label images: +1 normal, -1 anomalous.
+
+        Parameters
+        ----------
+        X : ndarray of shape (n, C, h, w) or (n, d)
+            Patch embeddings.
+
+        Returns
+        -------
+        labels : ndarray of shape (n,)
+            +1 for inliers, -1 for outliers.
+        """
+        return np.where(self.decision_function(X) < 0, -1, 1)
