@@ -13,7 +13,7 @@ from sklearn.utils import gen_batches
 from sklearn.utils._param_validation import Interval, StrOptions
 
 from ._images import check_images, load_batch
-from ._torch_utils import resolve_device, to_numpy
+from ._torch_utils import resolve_device
 from .backbones import FeatureExtractor, get_backbone, load_backbone
 
 
@@ -29,7 +29,10 @@ def _cached_extractor(backbone, weights, weights_stamp, layers, device):
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         module, spec = load_backbone(backbone, weights)
-    extractor = FeatureExtractor(spec.stages(module), layers).eval().to(device)
+    if spec.fuse is not None:
+        spec.fuse(module)
+    extractor = FeatureExtractor(spec.stages(module), layers).eval()
+    extractor = extractor.to(device=device, memory_format=torch.channels_last)
     for parameter in extractor.parameters():
         parameter.requires_grad_(False)
     return extractor
@@ -257,7 +260,8 @@ class PatchEmbedder(TransformerMixin, BaseEstimator):
             if out is None:
                 n_images = len(X)
                 out = np.empty((n_images, *embeddings.shape[1:]), dtype=np.float32)
-            out[batch] = to_numpy(embeddings)
+            # torch's copy_ handles the channels_last -> NCHW transpose in parallel.
+            torch.from_numpy(out[batch]).copy_(embeddings)
         return out
 
     def __sklearn_tags__(self):

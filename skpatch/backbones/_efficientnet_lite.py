@@ -21,6 +21,7 @@ import math
 
 import torch
 import torch.nn.functional as F
+from torch.nn.utils.fusion import fuse_conv_bn_eval
 from torch import nn
 
 __all__ = [
@@ -170,17 +171,22 @@ class _SameConv2d(nn.Conv2d):
     """
 
     def __init__(self, in_channels, out_channels, kernel_size, stride=1, groups=1):
+        # With stride 1 and an odd kernel, SAME is the symmetric padding k // 2,
+        # which the convolution applies itself (no padded copy of the input).
+        self.static = stride == 1 and kernel_size % 2 == 1
         super().__init__(
             in_channels,
             out_channels,
             kernel_size,
             stride=stride,
-            padding=0,
+            padding=kernel_size // 2 if self.static else 0,
             groups=groups,
             bias=False,
         )
 
     def forward(self, x):
+        if self.static:
+            return super().forward(x)
         pads = []
         # F.pad takes the last dimension first: (left, right, top, bottom).
         for n, k, s in zip(
@@ -191,6 +197,18 @@ class _SameConv2d(nn.Conv2d):
         if any(pads):
             x = F.pad(x, pads)
         return super().forward(x)
+
+
+def fold_batchnorm(parent, conv_name, bn_name):
+    """Replace ``parent.<conv_name>`` by the conv with ``parent.<bn_name>`` folded in.
+
+    The batch norm becomes an identity. Eval-mode statistics only.
+    """
+    conv, bn = getattr(parent, conv_name), getattr(parent, bn_name)
+    if isinstance(bn, nn.Identity):
+        return
+    setattr(parent, conv_name, fuse_conv_bn_eval(conv.eval(), bn.eval()))
+    setattr(parent, bn_name, nn.Identity())
 
 
 def _bn(channels):
@@ -223,8 +241,8 @@ class _MBConvBlock(nn.Module):
     def forward(self, x):
         out = x
         if self.has_expand:
-            out = F.relu6(self._bn0(self._expand_conv(out)))
-        out = F.relu6(self._bn1(self._depthwise_conv(out)))
+            out = F.relu6(self._bn0(self._expand_conv(out)), inplace=True)
+        out = F.relu6(self._bn1(self._depthwise_conv(out)), inplace=True)
         # Linear bottleneck: no activation after the projection.
         out = self._bn2(self._project_conv(out))
         if self.has_skip:
@@ -331,10 +349,25 @@ class EfficientNetLite(nn.Module):
         batch norms inside are the model's own, so loading a state dict into
         the model or moving it to a device also applies to the stages.
         """
-        out = [("stem", nn.Sequential(self._conv_stem, self._bn0, nn.ReLU6()))]
+        out = [("stem", nn.Sequential(self._conv_stem, self._bn0, nn.ReLU6(inplace=True)))]
         for i, (start, stop) in enumerate(self._stage_bounds):
             out.append((f"stage{i}", nn.Sequential(*self._blocks[start:stop])))
         return out
+
+    def fuse_batchnorm(self):
+        """Fold every batch norm into the convolution before it (inference only).
+
+        Saves a pass over every activation map; the state-dict keys change,
+        so call it after loading the weights. Returns the model.
+        """
+        pairs = [(self, "_conv_stem", "_bn0"), (self, "_conv_head", "_bn1")]
+        for block in self._blocks:
+            if block.has_expand:
+                pairs.append((block, "_expand_conv", "_bn0"))
+            pairs += [(block, "_depthwise_conv", "_bn1"), (block, "_project_conv", "_bn2")]
+        for parent, conv, bn in pairs:
+            fold_batchnorm(parent, conv, bn)
+        return self
 
     def extract_features(self, x):
         """Activations before the head (output of the last stage).

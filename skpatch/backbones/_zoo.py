@@ -9,6 +9,7 @@ from ._efficientnet_lite import (
     STAGE_STRIDES,
     build_efficientnet_lite,
     efficientnet_lite_weights_path,
+    fold_batchnorm,
 )
 from ._registry import Backbone, WeightsUnavailableError, _load_state_dict_file, register_backbone
 
@@ -38,6 +39,7 @@ def _register_lite(variant):
             std=HALF_NORM[1],
             load_pretrained=functools.partial(_load_lite_weights, variant=variant),
             strides=dict(STAGE_STRIDES),
+            fuse=lambda module: module.fuse_batchnorm(),
         )
     )
 
@@ -50,6 +52,17 @@ for _variant in ("lite0", "lite1", "lite2"):
 def _resnet_stages(module):
     stem = nn.Sequential(module.conv1, module.bn1, module.relu, module.maxpool)
     return [("stem", stem)] + [(f"layer{i}", getattr(module, f"layer{i}")) for i in range(1, 5)]
+
+
+def _fuse_resnet(module):
+    fold_batchnorm(module, "conv1", "bn1")
+    for i in range(1, 5):
+        for block in getattr(module, f"layer{i}"):
+            for j in (1, 2, 3):
+                if hasattr(block, f"conv{j}"):
+                    fold_batchnorm(block, f"conv{j}", f"bn{j}")
+            if block.downsample is not None:
+                fold_batchnorm(block.downsample, "0", "1")
 
 
 def _load_torchvision_weights(module, weights_enum):
@@ -82,6 +95,7 @@ def _register_resnet(name, builder, weights_enum):
             std=IMAGENET_NORM[1],
             load_pretrained=functools.partial(_load_torchvision_weights, weights_enum=weights_enum),
             strides={"stem": 4, "layer1": 4, "layer2": 8, "layer3": 16, "layer4": 32},
+            fuse=_fuse_resnet,
         )
     )
 
