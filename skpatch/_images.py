@@ -82,6 +82,13 @@ def _check_values(array):
     )
 
 
+def _tensor(array):
+    """Zero-copy tensor of an array, copying only read-only or strided input."""
+    if not array.flags.writeable or not array.flags.c_contiguous:
+        array = np.array(array, order="C")
+    return torch.from_numpy(array)
+
+
 def _to_float_chw(array):
     """One image array (H, W[, C]) -> float tensor (3, H, W) in [0, 1]."""
     _check_values(array)
@@ -90,7 +97,7 @@ def _to_float_chw(array):
     if array.ndim != 3 or array.shape[2] not in (1, 3, 4):
         raise ValueError(f"an image of shape {array.shape} is neither (H, W) nor (H, W, 3).")
     array = array[:, :, :3]
-    tensor = torch.from_numpy(np.ascontiguousarray(array)).permute(2, 0, 1)
+    tensor = _tensor(array).permute(2, 0, 1)
     tensor = tensor.float().div_(255.0) if array.dtype == np.uint8 else tensor.float()
     return tensor.expand(3, -1, -1) if tensor.shape[0] == 1 else tensor
 
@@ -152,7 +159,7 @@ def load_batch(X, batch, image_size, crop_size, mean, std, device):
     if isinstance(X, np.ndarray):
         chunk = X[batch]
         _check_values(chunk)
-        tensor = torch.from_numpy(np.ascontiguousarray(chunk))
+        tensor = _tensor(chunk)
         if chunk.ndim == 3:
             tensor = tensor.unsqueeze(-1)
         tensor = tensor.to(device).permute(0, 3, 1, 2)

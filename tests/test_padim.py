@@ -1,0 +1,179 @@
+import joblib
+import numpy as np
+import pytest
+from sklearn.pipeline import make_pipeline
+from sklearn.utils.estimator_checks import parametrize_with_checks
+
+from skpatch import PaDiMDetector, PatchEmbedder, anomaly_map, fit_in_batches
+
+
+def embeddings(n=40, c=6, h=3, w=4, seed=0, dtype=np.float32):
+    rng = np.random.RandomState(seed)
+    # correlated channels, position-dependent means
+    mix = rng.normal(size=(c, c))
+    x = rng.normal(size=(n, h, w, c)) @ mix + np.arange(h * w).reshape(h, w, 1)
+    return np.ascontiguousarray(x.transpose(0, 3, 1, 2)).astype(dtype)
+
+
+@parametrize_with_checks([PaDiMDetector(map_size=8), PaDiMDetector(n_features=1, random_state=0)])
+def test_sklearn_compatible_on_2d_input(estimator, check):
+    check(estimator)
+
+
+def test_statistics_follow_eq1_per_position():
+    X = embeddings(dtype=np.float64)
+    det = PaDiMDetector(epsilon=0.01, map_size=None).fit(X)
+    assert det.grid_shape_ == (3, 4) and det.n_samples_seen_ == 40
+    for p, (i, j) in enumerate([(i, j) for i in range(3) for j in range(4)]):
+        patches = X[:, :, i, j]
+        np.testing.assert_allclose(det.mean_[p], patches.mean(0))
+        cov = np.cov(patches.T) + 0.01 * np.eye(6)
+        u = det.precision_cholesky_[p]
+        np.testing.assert_allclose(u @ u.T, np.linalg.inv(cov), rtol=1e-7, atol=1e-10)
+
+
+def test_patch_scores_are_mahalanobis_eq2():
+    X = embeddings(dtype=np.float64)
+    test = embeddings(n=3, seed=1, dtype=np.float64)
+    det = PaDiMDetector(map_size=None, sigma=0).fit(X)
+    maps = det.anomaly_map(test)
+    i, j = 2, 1
+    patches = X[:, :, i, j]
+    precision = np.linalg.inv(np.cov(patches.T) + 0.01 * np.eye(6))
+    diff = test[:, :, i, j] - patches.mean(0)
+    expected = np.sqrt(np.einsum("nd,de,ne->n", diff, precision, diff))
+    np.testing.assert_allclose(maps[:, i, j], expected, rtol=1e-8)
+    # image score = max of the map
+    np.testing.assert_allclose(-det.score_samples(test), maps.reshape(3, -1).max(1))
+
+
+def test_maps_are_upsampled_blurred_and_scored_by_their_max():
+    X = embeddings()
+    det = PaDiMDetector(map_size=(12, 16), sigma=1.0).fit(X)
+    maps = det.anomaly_map(X[:5])
+    assert maps.shape == (5, 12, 16) and maps.dtype == np.float32
+    np.testing.assert_allclose(-det.score_samples(X[:5]), maps.reshape(5, -1).max(1), rtol=1e-6)
+    det.set_params(map_size=None, sigma=0)
+    assert det.anomaly_map(X[:5]).shape == (5, 3, 4)
+
+
+def test_outlier_interface_and_contamination():
+    X = embeddings(n=100)
+    det = PaDiMDetector(contamination=0.1, map_size=None).fit(X)
+    assert (det.predict(X) == -1).sum() == 10
+    np.testing.assert_allclose(det.decision_function(X), det.score_samples(X) - det.offset_)
+    assert (det.predict(X + 50) == -1).all()
+    assert det.score_samples(X + 50).max() < det.score_samples(X).min()
+
+
+def test_random_channel_subset_is_seeded():
+    X = embeddings()
+    a = PaDiMDetector(n_features=3, random_state=0, map_size=None).fit(X)
+    b = PaDiMDetector(n_features=3, random_state=0, map_size=None).fit(X)
+    np.testing.assert_array_equal(a.feature_indices_, b.feature_indices_)
+    np.testing.assert_array_equal(a.score_samples(X), b.score_samples(X))
+    assert len(a.feature_indices_) == 3 and a.mean_.shape == (12, 3)
+    others = {tuple(PaDiMDetector(n_features=3, random_state=s).fit(X).feature_indices_)
+              for s in range(8)}
+    assert len(others) > 1
+
+
+def test_partial_fit_streams_to_the_same_model():
+    X = embeddings(n=50)
+    full = PaDiMDetector(n_features=4, random_state=0, map_size=None).fit(X)
+    stream = PaDiMDetector(n_features=4, random_state=0, map_size=None)
+    for start in range(0, 50, 7):
+        stream.partial_fit(X[start:start + 7])
+    assert stream.n_samples_seen_ == 50
+    np.testing.assert_allclose(stream.mean_, full.mean_, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(stream.scatter_, full.scatter_, rtol=1e-4, atol=1e-3)
+    np.testing.assert_allclose(stream.score_samples(X), full.score_samples(X), rtol=1e-4)
+
+
+def test_partial_fit_one_image_at_a_time():
+    X = embeddings(n=6)
+    det = PaDiMDetector(map_size=None)
+    det.partial_fit(X[:1])
+    with pytest.raises(ValueError, match="at least 2 samples"):
+        det.score_samples(X)
+    for i in range(1, 6):
+        det.partial_fit(X[i:i + 1])
+    assert det.score_samples(X).shape == (6,)
+
+
+def test_float64_is_kept_and_float32_is_not_promoted():
+    assert PaDiMDetector(map_size=None).fit(embeddings()).mean_.dtype == np.float32
+    det = PaDiMDetector(map_size=None).fit(embeddings(dtype=np.float64))
+    assert det.precision_cholesky_.dtype == np.float64
+
+
+def test_clear_errors():
+    X = embeddings()
+    det = PaDiMDetector(map_size=None).fit(X)
+    with pytest.raises(ValueError, match="grid of patches but PaDiMDetector was fitted on a 3x4"):
+        det.score_samples(embeddings(h=5, w=5))
+    with pytest.raises(ValueError, match="X has 5 features, but PaDiMDetector is expecting 6"):
+        det.score_samples(embeddings(c=5))
+    with pytest.raises(ValueError, match="expected patch embeddings"):
+        det.score_samples(X[:, 0])
+    with pytest.raises(ValueError, match="NaN"):
+        bad = X.copy()
+        bad[0, 0, 0, 0] = np.nan
+        det.score_samples(bad)
+    with pytest.raises(ValueError, match="at least 2 samples"):
+        PaDiMDetector().fit(X[:1])
+    with pytest.raises(ValueError, match="n_features=10 exceeds the 6 channels"):
+        PaDiMDetector(n_features=10).fit(X)
+    with pytest.raises(ValueError, match="epsilon"):
+        PaDiMDetector(epsilon=-1).fit(X)
+
+
+def test_pipeline_on_images_with_maps_persistence_and_streaming(images, tmp_path):
+    pipe = make_pipeline(
+        PatchEmbedder(weights=None, image_size=32, crop_size=None),
+        PaDiMDetector(n_features=20, map_size=32, random_state=0),
+    )
+    pipe.fit(images)
+    scores = pipe.score_samples(images)
+    assert scores.shape == (10,) and set(pipe.predict(images)) <= {-1, 1}
+    maps = anomaly_map(pipe, images[:3])
+    assert maps.shape == (3, 32, 32)
+    np.testing.assert_allclose(-scores[:3], maps.reshape(3, -1).max(1), rtol=1e-5)
+
+    path = tmp_path / "model.joblib"
+    joblib.dump(pipe, path)
+    loaded = joblib.load(path)
+    np.testing.assert_array_equal(loaded.score_samples(images), scores)
+    np.testing.assert_array_equal(anomaly_map(loaded, images[:3]), maps)
+    # the file holds parameters and NumPy statistics, no torch module
+    assert not any(
+        "torch" in type(v).__module__ for v in vars(loaded[-1]).values()
+    )
+
+    streamed = fit_in_batches(
+        make_pipeline(
+            PatchEmbedder(weights=None, image_size=32, crop_size=None),
+            PaDiMDetector(n_features=20, map_size=32, random_state=0),
+        ),
+        images,
+        batch_size=3,
+    )
+    np.testing.assert_allclose(streamed.score_samples(images), scores, rtol=1e-4)
+
+
+def test_fit_in_batches_and_anomaly_map_reject_wrong_estimators(images):
+    from sklearn.covariance import EllipticEnvelope
+
+    with pytest.raises(TypeError, match="no anomaly_map"):
+        anomaly_map(EllipticEnvelope(), images)
+    with pytest.raises(TypeError, match="no partial_fit"):
+        fit_in_batches(EllipticEnvelope(), images)
+
+
+def test_image_size_mismatch_between_fit_and_predict(images):
+    pipe = make_pipeline(
+        PatchEmbedder(weights=None, image_size=None, crop_size=None),
+        PaDiMDetector(n_features=20, random_state=0),
+    ).fit(images)
+    with pytest.raises(ValueError, match="grid of patches"):
+        pipe.score_samples(np.zeros((2, 64, 64), np.uint8))
