@@ -41,6 +41,21 @@ def merge_moments(first, second):
     return count, mean, scatter
 
 
+def remove_moments(whole, part):
+    """Moments of ``whole`` without the samples of ``part`` (the inverse of the merge).
+
+    Gives the statistics of a model fitted without one fold of the data,
+    without a second pass over the other folds.
+    """
+    n, mean, scatter = whole
+    n_b, mean_b, scatter_b = part
+    n_a = n - n_b
+    mean_a = (mean * n - mean_b * n_b) / n_a
+    delta = mean_b - mean_a
+    outer = delta.unsqueeze(2) * delta.unsqueeze(1)
+    return n_a, mean_a, scatter - scatter_b - outer * (n_a * n_b / n)
+
+
 def shift_scatter(scatter, count, mean, center):
     """Scatter about ``center`` from the scatter about ``mean``: ``S + n (μ-c)(μ-c)ᵀ``."""
     delta = mean - center

@@ -70,3 +70,15 @@ def test_singular_covariance_error_names_epsilon():
         assert "epsilon" in str(exc)
     else:  # pragma: no cover
         raise AssertionError("no error")
+
+
+def test_remove_moments_inverts_merge():
+    x = _x()
+    whole = _gaussian.batch_moments(x)
+    rest = _gaussian.remove_moments(whole, _gaussian.batch_moments(x[:, ::3]))
+    mask = np.ones(30, bool)
+    mask[::3] = False
+    expected = _gaussian.batch_moments(x[:, mask])
+    assert rest[0] == expected[0]
+    np.testing.assert_allclose(rest[1], expected[1])
+    np.testing.assert_allclose(rest[2], expected[2], atol=1e-9)

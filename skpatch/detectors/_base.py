@@ -108,20 +108,26 @@ class BasePatchDetector(OutlierMixin, BaseEstimator):
         """Anomaly maps of a chunk of embeddings: scores, upsampled and blurred."""
         return postprocess(self._patch_scores(x), map_size_tuple(self.map_size), self.sigma)
 
-    def _image_scores(self, x):
-        """Image anomaly scores of a chunk: the maximum of the anomaly map (PaDiM §III-C)."""
+    def _image_scores(self, x, patch_scores=None):
+        """Image anomaly scores of a chunk: the maximum of the anomaly map (PaDiM §III-C).
+
+        ``patch_scores`` (a callable like :meth:`_patch_scores`) scores with
+        another model than the fitted one, e.g. for out-of-fold calibration.
+        """
+        grid = (patch_scores or self._patch_scores)(x)
         if x.shape[-2:] == (1, 1):
             # A one-patch grid gives a constant map: its maximum is the patch score.
-            return self._patch_scores(x).flatten(1).amax(dim=1)
-        return self._maps(x).flatten(1).amax(dim=1)
+            return grid.flatten(1).amax(dim=1)
+        maps = postprocess(grid, map_size_tuple(self.map_size), self.sigma)
+        return maps.flatten(1).amax(dim=1)
 
-    def _anomaly_scores(self, X):
+    def _anomaly_scores(self, X, patch_scores=None):
         """Image anomaly scores (higher = more anomalous) of validated embeddings."""
         device = resolve_device(self.device)
         scores = np.empty(len(X), dtype=X.dtype)
         with torch.inference_mode():
             for batch, x in self._iter_chunks(X, device):
-                scores[batch] = to_numpy(self._image_scores(x))
+                scores[batch] = to_numpy(self._image_scores(x, patch_scores))
         return scores
 
     def _set_offset(self, anomaly_scores):
