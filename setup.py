@@ -34,6 +34,7 @@ EXTRAS_REQUIRE = {
         "sphinx>=7",
         "numpydoc>=1.6",
         "sphinx-gallery>=0.15",
+        "pydata-sphinx-theme>=0.15",
         "matplotlib>=3.5",
         "elpv-dataset>=1.0",
     ],

@@ -1,7 +1,7 @@
 """
-==============================================
+=================================================
 PaDiM on solar cells: detect and localize defects
-==============================================
+=================================================
 
 Fit :class:`~skpatch.PaDiMDetector` on images of good solar cells from the
 ELPV dataset (electroluminescence images, ``pip install elpv-dataset``), score

@@ -1,12 +1,18 @@
-"""Anomaly-map post-processing: upsampling and separable Gaussian blur.
+"""Anomaly-map post-processing: upsampling and Gaussian blur.
 
 PaDiM (§IV-B) and its descendants resize the patch-score grid to the image
-resolution and smooth it with a Gaussian filter of ``sigma = 4``. The blur here
-is separable (two 1-D passes, ``O(k)`` per pixel instead of ``O(k^2)``) and
-reflects at the border like :func:`scipy.ndimage.gaussian_filter` (its default
-``mode="reflect"``, ``truncate=4.0``), which the papers' reference code calls.
+resolution (bicubic) and smooth it with a Gaussian filter of ``sigma = 4``.
+The blur reflects at the border like :func:`scipy.ndimage.gaussian_filter`
+(its default ``mode="reflect"``, ``truncate=4.0``), which the papers'
+reference code calls.
+
+Both steps are linear and separable, so each axis is one small matrix
+``A = blur @ upsample`` of shape ``(H, h)``, and a whole batch of maps is
+``A_H @ grid @ A_Wᵀ``: two matrix products on the ``h x w`` grid, instead of
+a 33-tap convolution over every pixel of the ``H x W`` map.
 """
 
+import functools
 
 import numpy as np
 import torch
@@ -32,40 +38,60 @@ def _reflect_index(n, radius, device):
     return torch.from_numpy(idx).to(device)
 
 
+def _blur_last_axis(x, sigma, truncate=4.0):
+    """Gaussian blur of ``x (..., n)`` along its last axis."""
+    kernel = gaussian_kernel1d(sigma, truncate, dtype=x.dtype, device=x.device)
+    radius = (len(kernel) - 1) // 2
+    shape = x.shape
+    padded = x.reshape(-1, 1, shape[-1]).index_select(
+        2, _reflect_index(shape[-1], radius, x.device)
+    )
+    return F.conv1d(padded, kernel.view(1, 1, -1)).reshape(shape)
+
+
 def gaussian_blur(maps, sigma, truncate=4.0):
-    """Blur a batch of maps ``(n, H, W)`` with an isotropic Gaussian.
+    """Blur a batch of maps ``(n, H, W)`` with an isotropic Gaussian (direct form).
 
     ``sigma <= 0`` returns the maps unchanged.
     """
     if sigma <= 0:
         return maps
-    kernel = gaussian_kernel1d(sigma, truncate, dtype=maps.dtype, device=maps.device)
-    radius = (len(kernel) - 1) // 2
-    n, height, width = maps.shape
-    out = maps.unsqueeze(1)
-    out = out.index_select(3, _reflect_index(width, radius, maps.device))
-    out = F.conv2d(out, kernel.view(1, 1, 1, -1))
-    out = out.index_select(2, _reflect_index(height, radius, maps.device))
-    out = F.conv2d(out, kernel.view(1, 1, -1, 1))
-    return out.squeeze(1)
+    out = _blur_last_axis(maps, sigma, truncate)
+    return _blur_last_axis(out.transpose(1, 2), sigma, truncate).transpose(1, 2)
 
 
 def upsample(maps, size, mode="bicubic"):
-    """Resize maps ``(n, h, w)`` to ``size = (H, W)``; a no-op when already there."""
+    """Resize maps ``(n, h, w)`` to ``size = (H, W)`` (direct form); a no-op when already there."""
     if tuple(maps.shape[-2:]) == tuple(size):
         return maps
     kwargs = {} if mode == "nearest" else {"align_corners": False}
     return F.interpolate(maps.unsqueeze(1), size=tuple(size), mode=mode, **kwargs).squeeze(1)
 
 
+@functools.lru_cache(maxsize=32)
+def _axis_operator(n_in, n_out, sigma, mode, dtype, device):
+    """Matrix ``(n_out, n_in)`` that upsamples then blurs one axis."""
+    eye = torch.eye(n_in, dtype=torch.float64)
+    # Row i of the upsampled identity is the image of the i-th basis vector.
+    up = upsample(eye.view(n_in, 1, n_in), (1, n_out), mode).reshape(n_in, n_out).T
+    if sigma > 0:
+        up = _blur_last_axis(up.T.contiguous(), sigma).T
+    return up.to(dtype=dtype, device=device).contiguous()
+
+
 def postprocess(patch_scores, size, sigma, mode="bicubic"):
     """Patch-score grid ``(n, h, w)`` -> anomaly maps ``(n, H, W)``: upsample, then blur.
 
-    ``size=None`` keeps the grid resolution.
+    ``size=None`` keeps the grid resolution. Equal to ``gaussian_blur(upsample(...))``.
     """
-    if size is not None:
-        patch_scores = upsample(patch_scores, size, mode)
-    return gaussian_blur(patch_scores, sigma)
+    h, w = patch_scores.shape[-2:]
+    height, width = (h, w) if size is None else size
+    if (height, width) == (h, w) and sigma <= 0:
+        return patch_scores
+    key = (sigma, mode, patch_scores.dtype, patch_scores.device)
+    rows = _axis_operator(h, height, *key)
+    cols = _axis_operator(w, width, *key)
+    return rows @ patch_scores @ cols.T
 
 
 def map_size_tuple(map_size):
@@ -75,6 +101,3 @@ def map_size_tuple(map_size):
     if isinstance(map_size, (int, np.integer)):
         return (int(map_size), int(map_size))
     return tuple(int(s) for s in map_size)
-
-
-__all__ = ["gaussian_blur", "gaussian_kernel1d", "postprocess", "upsample", "map_size_tuple"]

@@ -38,3 +38,13 @@ def test_constant_grid_stays_constant():
     grid = torch.full((2, 3, 3), 7.0, dtype=torch.float64)
     out = postprocess(grid, (12, 12), 4.0)
     np.testing.assert_allclose(out.numpy(), 7.0)
+
+
+@pytest.mark.parametrize("size", [None, (224, 224), (12, 20), (3, 3)])
+@pytest.mark.parametrize("sigma", [0, 1.0, 4.0])
+def test_fused_operator_equals_upsample_then_blur(size, sigma):
+    grid = torch.from_numpy(np.random.RandomState(1).rand(3, 7, 9) * 10)
+    expected = grid if size is None else upsample(grid, size)
+    expected = gaussian_blur(expected, sigma)
+    np.testing.assert_allclose(postprocess(grid, size, sigma).numpy(), expected.numpy(),
+                               atol=1e-10)

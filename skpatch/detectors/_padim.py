@@ -156,9 +156,17 @@ class PaDiMDetector(BasePatchDetector):
         return np.sort(rng.choice(n_channels, self.n_features, replace=False))
 
     def _positions(self, x):
-        """Embeddings ``(b, C, h, w)`` -> selected channels, position-major ``(P, b, d)``."""
+        """Embeddings ``(b, C, h, w)`` -> selected channels as ``(P, b, d)``.
+
+        The result is a transposed view of a ``(b, P, d)`` array: batched
+        matrix products take it without a copy, and building it is one fast
+        NCHW -> NHWC copy instead of a transpose to position-major order.
+        """
         index = torch.as_tensor(self.feature_indices_, device=x.device)
-        return x.index_select(1, index).flatten(2).permute(2, 0, 1).contiguous()
+        selected = x[:, index]
+        n_images, n_selected = selected.shape[:2]
+        nhwc = selected.permute(0, 2, 3, 1).contiguous()
+        return nhwc.view(n_images, -1, n_selected).transpose(0, 1)
 
     def _bytes_per_image(self, X):
         n_positions = X.shape[2] * X.shape[3]
