@@ -1,6 +1,6 @@
 """Patch anomaly detectors: scikit-learn outlier estimators on patch embeddings."""
 
-from ._base import BasePatchDetector
+from ._base import BaseGaussianDetector, BasePatchDetector
 from ._padim import PaDiMDetector
 
-__all__ = ["BasePatchDetector", "PaDiMDetector"]
+__all__ = ["BaseGaussianDetector", "BasePatchDetector", "PaDiMDetector"]

@@ -17,11 +17,12 @@ from numbers import Integral, Real
 import numpy as np
 import torch
 from sklearn.base import BaseEstimator, OutlierMixin
-from sklearn.utils import gen_batches
+from sklearn.utils import check_random_state, gen_batches
 from sklearn.utils._chunking import get_chunk_n_rows
 from sklearn.utils._param_validation import Interval
 from sklearn.utils.validation import check_array, check_is_fitted, validate_data
 
+from .. import _gaussian
 from .._maps import map_size_tuple, postprocess
 from .._torch_utils import as_tensor, resolve_device, to_numpy
 
@@ -210,3 +211,79 @@ class BasePatchDetector(OutlierMixin, BaseEstimator):
             +1 for inliers, -1 for outliers.
         """
         return np.where(self.decision_function(X) < 0, -1, 1)
+
+
+class BaseGaussianDetector(BasePatchDetector):
+    """Base of the detectors with one Gaussian per position (PaDiM, RPaDiM).
+
+    Shares the random channel subset (PaDiM §III-A), the regularized
+    covariance and its Cholesky factor (eq. 1) and the batched Mahalanobis
+    patch scores (eq. 2). Subclasses estimate the center and scatter (the
+    mean for PaDiM, the geometric median for RPaDiM) and implement
+    ``_scoring_state``.
+    """
+
+    _parameter_constraints = {
+        **BasePatchDetector._parameter_constraints,
+        "n_features": [Interval(Integral, 1, None, closed="left"), None],
+        "epsilon": [Interval(Real, 0, None, closed="left")],
+        "random_state": ["random_state"],
+    }
+
+    def _select_features(self, n_channels):
+        if self.n_features is None:
+            return np.arange(n_channels)
+        if self.n_features > n_channels:
+            raise ValueError(
+                f"n_features={self.n_features} exceeds the {n_channels} channels of the "
+                "embeddings; choose n_features <= n_channels or None."
+            )
+        rng = check_random_state(self.random_state)
+        return np.sort(rng.choice(n_channels, self.n_features, replace=False))
+
+    def _positions(self, x):
+        """Embeddings ``(b, C, h, w)`` -> selected channels as ``(P, b, d)``.
+
+        The result is a transposed view of a ``(b, P, d)`` array: batched
+        matrix products take it without a copy, and building it is one fast
+        NCHW -> NHWC copy instead of a transpose to position-major order.
+        """
+        index = torch.as_tensor(self.feature_indices_, device=x.device)
+        selected = x[:, index]
+        n_images, n_selected = selected.shape[:2]
+        nhwc = selected.permute(0, 2, 3, 1).contiguous()
+        return nhwc.view(n_images, -1, n_selected).transpose(0, 1)
+
+    def _bytes_per_image(self, X):
+        n_positions = X.shape[2] * X.shape[3]
+        n_selected = len(self.feature_indices_)
+        return 4 * n_positions * n_selected * X.itemsize
+
+    def _whitening(self, moments):
+        """``(center, precision Cholesky factor)`` of ``(count, center, scatter)``.
+
+        PaDiM eq. (1) (``scatter / (N - 1) + εI``), then the Cholesky factor.
+        """
+        count, center, scatter = moments
+        covariance = _gaussian.regularized_covariance(scatter, count, self.epsilon)
+        return center, _gaussian.precision_cholesky(covariance)
+
+    def _patch_scorer(self, mean, prec_chol):
+        """Patch scores (eq. 2) under the Gaussians ``(mean, prec_chol)``."""
+
+        def patch_scores(x):
+            distances = _gaussian.mahalanobis(
+                self._positions(x.to(mean.dtype)), mean, prec_chol
+            )
+            return distances.T.reshape(len(x), *self.grid_shape_)
+
+        return patch_scores
+
+    @abstractmethod
+    def _scoring_state(self):
+        """Fitted ``(center (P, d), precision_cholesky (P, d, d))`` NumPy arrays."""
+
+    def _patch_scores(self, x):
+        center, prec_chol = self._scoring_state()
+        scorer = self._patch_scorer(as_tensor(center, x.device), as_tensor(prec_chol, x.device))
+        return scorer(x)

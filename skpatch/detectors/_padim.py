@@ -1,19 +1,18 @@
 """PaDiM: one Gaussian per patch position (Defard et al., 2021)."""
 
-from numbers import Integral, Real
+from numbers import Integral
 
 import numpy as np
 import torch
 from sklearn.base import _fit_context
-from sklearn.utils import check_random_state
 from sklearn.utils._param_validation import Interval
 
 from .. import _gaussian
 from .._torch_utils import as_tensor, resolve_device, to_numpy
-from ._base import BasePatchDetector
+from ._base import BaseGaussianDetector
 
 
-class PaDiMDetector(BasePatchDetector):
+class PaDiMDetector(BaseGaussianDetector):
     """Patch Distribution Modeling: a multivariate Gaussian per patch position.
 
     Implements PaDiM (Defard et al., 2021): a random subset of the embedding
@@ -115,11 +114,8 @@ class PaDiMDetector(BasePatchDetector):
     """
 
     _parameter_constraints = {
-        **BasePatchDetector._parameter_constraints,
-        "n_features": [Interval(Integral, 1, None, closed="left"), None],
-        "epsilon": [Interval(Real, 0, None, closed="left")],
+        **BaseGaussianDetector._parameter_constraints,
         "calibration_folds": [Interval(Integral, 2, None, closed="left"), None],
-        "random_state": ["random_state"],
     }
 
     def __init__(
@@ -144,57 +140,11 @@ class PaDiMDetector(BasePatchDetector):
         self.device = device
 
     # ------------------------------------------------------------------ fitting
-    def _select_features(self, n_channels):
-        if self.n_features is None:
-            return np.arange(n_channels)
-        if self.n_features > n_channels:
-            raise ValueError(
-                f"n_features={self.n_features} exceeds the {n_channels} channels of the "
-                "embeddings; choose n_features <= n_channels or None."
-            )
-        rng = check_random_state(self.random_state)
-        return np.sort(rng.choice(n_channels, self.n_features, replace=False))
-
-    def _positions(self, x):
-        """Embeddings ``(b, C, h, w)`` -> selected channels as ``(P, b, d)``.
-
-        The result is a transposed view of a ``(b, P, d)`` array: batched
-        matrix products take it without a copy, and building it is one fast
-        NCHW -> NHWC copy instead of a transpose to position-major order.
-        """
-        index = torch.as_tensor(self.feature_indices_, device=x.device)
-        selected = x[:, index]
-        n_images, n_selected = selected.shape[:2]
-        nhwc = selected.permute(0, 2, 3, 1).contiguous()
-        return nhwc.view(n_images, -1, n_selected).transpose(0, 1)
-
-    def _bytes_per_image(self, X):
-        n_positions = X.shape[2] * X.shape[3]
-        n_selected = len(self.feature_indices_)
-        return 4 * n_positions * n_selected * X.itemsize
-
     def _moments(self, X, device, moments=None):
         """Merge the moments of images ``X`` into ``moments`` (tensors on ``device``)."""
         for _, x in self._iter_chunks(X, device):
             moments = _gaussian.merge_moments(moments, _gaussian.batch_moments(self._positions(x)))
         return moments
-
-    def _whitening(self, moments):
-        """``(mean, precision Cholesky factor)`` of moments: eq. (1), then Cholesky."""
-        count, mean, scatter = moments
-        covariance = _gaussian.regularized_covariance(scatter, count, self.epsilon)
-        return mean, _gaussian.precision_cholesky(covariance)
-
-    def _patch_scorer(self, mean, prec_chol):
-        """Patch scores (eq. 2) under the Gaussians ``(mean, prec_chol)``."""
-
-        def patch_scores(x):
-            distances = _gaussian.mahalanobis(
-                self._positions(x.to(mean.dtype)), mean, prec_chol
-            )
-            return distances.T.reshape(len(x), *self.grid_shape_)
-
-        return patch_scores
 
     def _update(self, X, device):
         """Add the images ``X`` (validated) to the model; set the scoring state."""
@@ -299,8 +249,6 @@ class PaDiMDetector(BasePatchDetector):
             self._check_n_samples(self.n_samples_seen_, 2, type(self).__name__)
 
     # ------------------------------------------------------------------ scoring
-    def _patch_scores(self, x):
-        scorer = self._patch_scorer(
-            as_tensor(self.mean_, x.device), as_tensor(self.precision_cholesky_, x.device)
-        )
-        return scorer(x)
+
+    def _scoring_state(self):
+        return self.mean_, self.precision_cholesky_
