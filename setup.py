@@ -25,6 +25,7 @@ EXTRAS_REQUIRE = {
     "tests": [
         "pytest>=7",
         "pandas>=1.5",  # scikit-learn's common checks on DataFrame input
+        "numpydoc>=1.6",  # docstring validation test
         "scikit-image>=0.20",  # chelsea / coffee test images for the weights check
         "matplotlib>=3.5",
         "elpv-dataset>=1.0",

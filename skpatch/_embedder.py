@@ -247,8 +247,8 @@ class PatchEmbedder(TransformerMixin, BaseEstimator):
         Parameters
         ----------
         X : ndarray of shape (n, H, W) or (n, H, W, 3), or sequence
-            uint8 images in [0, 255] or float images in [0, 1]; or a list of
-            file paths, PIL images or per-image arrays.
+            Images: uint8 in [0, 255] or float in [0, 1]; or a list of file
+            paths, PIL images or per-image arrays.
 
         Returns
         -------

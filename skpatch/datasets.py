@@ -606,14 +606,14 @@ def load_elpv_split(cell_type="mono", *, train_size=0.7, random_state=0):
     ImportError
         If ``elpv-dataset`` is not installed.
 
+    See Also
+    --------
+    load_elpv : The whole dataset with its annotations.
+
     Notes
     -----
     Images are returned at their original 300 x 300 size; the patch embedder
     resizes them. ELPV has image labels only, no masks.
-
-    See Also
-    --------
-    load_elpv : The whole dataset with its annotations.
 
     Examples
     --------

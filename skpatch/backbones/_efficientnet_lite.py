@@ -358,7 +358,12 @@ class EfficientNetLite(nn.Module):
         """Fold every batch norm into the convolution before it (inference only).
 
         Saves a pass over every activation map; the state-dict keys change,
-        so call it after loading the weights. Returns the model.
+        so call it after loading the weights.
+
+        Returns
+        -------
+        self : EfficientNetLite
+            The model, modified in place.
         """
         pairs = [(self, "_conv_stem", "_bn0"), (self, "_conv_head", "_bn1")]
         for block in self._blocks:
@@ -370,7 +375,7 @@ class EfficientNetLite(nn.Module):
         return self
 
     def extract_features(self, x):
-        """Activations before the head (output of the last stage).
+        """Compute the activations before the head (output of the last stage).
 
         Parameters
         ----------
@@ -380,6 +385,7 @@ class EfficientNetLite(nn.Module):
         Returns
         -------
         features : torch.Tensor of shape (n, C, ceil(H / 32), ceil(W / 32))
+            Output of the last stage (before the head convolution).
         """
         x = F.relu6(self._bn0(self._conv_stem(x)))
         for block in self._blocks:
@@ -397,6 +403,7 @@ class EfficientNetLite(nn.Module):
         Returns
         -------
         logits : torch.Tensor of shape (n, num_classes)
+            Unnormalized class scores.
         """
         x = self.extract_features(x)
         x = F.relu6(self._bn1(self._conv_head(x)))

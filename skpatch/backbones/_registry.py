@@ -61,18 +61,51 @@ _REGISTRY = {}
 
 
 def register_backbone(backbone):
-    """Add ``backbone`` (a :class:`Backbone`) to the registry under its name."""
+    """Add a backbone to the registry under its name.
+
+    Parameters
+    ----------
+    backbone : Backbone
+        The description; an existing entry of the same name is replaced.
+
+    Returns
+    -------
+    backbone : Backbone
+        The argument, so that the call can be used as an expression.
+    """
     _REGISTRY[backbone.name] = backbone
     return backbone
 
 
 def available_backbones():
-    """Names of the registered backbones."""
+    """List the names of the registered backbones.
+
+    Returns
+    -------
+    names : list of str
+        Sorted registry names, valid values of ``PatchEmbedder(backbone=...)``.
+    """
     return sorted(_REGISTRY)
 
 
 def get_backbone(name):
-    """The :class:`Backbone` registered as ``name``."""
+    """Look up a registered backbone.
+
+    Parameters
+    ----------
+    name : str
+        Registry name.
+
+    Returns
+    -------
+    backbone : Backbone
+        Its description.
+
+    Raises
+    ------
+    ValueError
+        If no backbone of that name is registered; the message lists the names.
+    """
     try:
         return _REGISTRY[name]
     except KeyError:
@@ -83,10 +116,17 @@ def get_backbone(name):
 
 
 class FeatureExtractor(nn.Module):
-    """Runs a backbone's stages up to the deepest requested one and returns those.
+    """Run a backbone's stages up to the deepest requested one and return those.
 
     Stages after the deepest requested layer (and the classifier head) are
     not run: they cost time and change nothing.
+
+    Parameters
+    ----------
+    stages : list of (str, torch.nn.Module)
+        The backbone's stages in forward order (``Backbone.stages(module)``).
+    layers : sequence of str
+        Names of the stages whose outputs ``forward`` returns, in this order.
     """
 
     def __init__(self, stages, layers):
@@ -127,11 +167,30 @@ def _load_state_dict_file(module, path):
 
 
 def load_backbone(name, weights="imagenet"):
-    """Build backbone ``name`` with ``weights`` and return ``(module, Backbone)``.
+    """Build a registered backbone with its weights.
 
-    ``weights`` is ``"imagenet"`` (the registry's pretrained loader), ``None``
-    (random initialization, for tests) or a path to a state-dict file. The
-    module is returned in eval mode on the CPU.
+    Parameters
+    ----------
+    name : str
+        Registry name.
+    weights : "imagenet", None or path, default="imagenet"
+        ``"imagenet"`` uses the registry's pretrained loader, ``None`` keeps
+        the random initialization (tests), a path loads a state-dict file
+        strictly (``torch.load(..., weights_only=True)``).
+
+    Returns
+    -------
+    module : torch.nn.Module
+        The network in eval mode on the CPU.
+    backbone : Backbone
+        Its registry description.
+
+    Raises
+    ------
+    WeightsUnavailableError
+        If ``weights="imagenet"`` and the weights cannot be obtained.
+    ValueError
+        If ``weights`` is not a valid value or the file does not fit the architecture.
     """
     backbone = get_backbone(name)
     module = backbone.build()

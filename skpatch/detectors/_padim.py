@@ -96,7 +96,7 @@ class PaDiMDetector(BaseGaussianDetector):
 
     References
     ----------
-    .. [1] T. Defard, A. Setkaliev, A. Loesch, R. Audigier, "PaDiM: a Patch
+    .. [1] T. Defard, A. Setkov, A. Loesch, R. Audigier, "PaDiM: a Patch
        Distribution Modeling Framework for Anomaly Detection and
        Localization", ICPR Workshops, 2021.
 
