@@ -30,14 +30,14 @@ def _peak_mb():
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
-def _pipeline(n_features, calibration_folds=5):
+def _pipeline(n_features, calibration="leave-one-out"):
     from sklearn.pipeline import make_pipeline
 
     from skpatch import PaDiMDetector, PatchEmbedder
 
     return make_pipeline(
         PatchEmbedder(image_size=224, crop_size=None),
-        PaDiMDetector(n_features=n_features, random_state=0, calibration_folds=calibration_folds),
+        PaDiMDetector(n_features=n_features, random_state=0, calibration=calibration),
     )
 
 
@@ -47,7 +47,7 @@ def _subsample(X, n, seed=0):
     return X[np.sort(np.random.default_rng(seed).permutation(len(X))[:n])]
 
 
-def run_detection(cell_type, n_features, threads, limit, calibration_folds):
+def run_detection(cell_type, n_features, threads, limit, calibration):
     import torch
 
     from skpatch.datasets import load_elpv_split
@@ -59,7 +59,7 @@ def run_detection(cell_type, n_features, threads, limit, calibration_folds):
         X_train = _subsample(X_train, limit)
         keep = np.sort(np.random.default_rng(1).permutation(len(X_test))[:limit])
         X_test, y_test = X_test[keep], y_test[keep]
-    pipe = _pipeline(n_features, calibration_folds)
+    pipe = _pipeline(n_features, calibration)
     embedder = pipe[0]
     embedder.transform(X_train[:2])  # build the network once, outside the timings
 
@@ -127,7 +127,8 @@ def main(argv=None):
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--stream-n", type=int, default=200,
                         help="N for the streaming rows (N and 4N cells)")
-    parser.add_argument("--calibration-folds", type=int, default=5)
+    parser.add_argument("--calibration", default="leave-one-out",
+                        choices=["leave-one-out", "in-sample"])
     parser.add_argument("--quick", action="store_true", help="60 train / 60 test images")
     args = parser.parse_args(argv)
     limit = 60 if args.quick else None
@@ -135,7 +136,7 @@ def main(argv=None):
 
     rows = [
         _in_fresh_process(run_detection, cell_type, args.n_features, args.threads, limit,
-                          args.calibration_folds)
+                          args.calibration)
         for cell_type in args.cell_types
     ]
     streams = [
@@ -144,7 +145,7 @@ def main(argv=None):
     ]
 
     print(f"\nPaDiM-EfficientNet-Lite0-Rd{args.n_features}, {args.threads} threads, "
-          f"calibration_folds={args.calibration_folds}\n")
+          f"calibration={args.calibration}\n")
     header = ("| run | train / test | image AUROC | fit s | forward s | fit / forward "
               "| predict ms/img | flagged good / defective | peak MB |")
     print(header)

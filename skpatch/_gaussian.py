@@ -14,6 +14,8 @@ statistics fitted on separate shards combine into the same model.
 
 import torch
 
+from ._torch_utils import single_threaded
+
 
 def batch_moments(x):
     """Count, mean ``(P, d)`` and scatter ``(P, d, d)`` of one batch ``x (P, n, d)``."""
@@ -22,6 +24,30 @@ def batch_moments(x):
     centered = x - mean.unsqueeze(1)
     scatter = centered.transpose(1, 2) @ centered
     return count, mean, scatter
+
+
+def chunked_moments(chunks):
+    """Count, mean and scatter of all the ``(P, b, d)`` chunks of an iterable.
+
+    Sums are taken about a shift (the first chunk's mean), which keeps them
+    as stable as centered sums, and the scatter accumulates in place with one
+    batched ``baddbmm`` per chunk: no per-chunk merge of ``(P, d, d)`` arrays.
+    """
+    count, shift, total, outer = 0, None, None, None
+    for x in chunks:
+        if shift is None:
+            shift = x.mean(dim=1, keepdim=True)
+            total = torch.zeros_like(shift[:, 0])
+            outer = x.new_zeros(x.shape[0], x.shape[2], x.shape[2])
+        centered = x - shift
+        total += centered.sum(dim=1)
+        outer.baddbmm_(centered.transpose(1, 2), centered)
+        count += x.shape[1]
+    if shift is None:
+        raise ValueError("no samples to compute moments of")
+    mean_shift = total / count
+    scatter = outer.sub_(mean_shift.unsqueeze(2) * total.unsqueeze(1))
+    return count, shift[:, 0] + mean_shift, scatter
 
 
 def merge_moments(first, second):
@@ -56,6 +82,26 @@ def remove_moments(whole, part):
     return n_a, mean_a, scatter - scatter_b - outer * (n_a * n_b / n)
 
 
+def leave_one_out_sq(sq_distances, count):
+    """Squared Mahalanobis distances of training samples to the model fitted without them.
+
+    For a sample ``x_i`` of the ``N`` that fitted ``Σ = C / (N - 1) + εI``
+    with in-sample squared distance ``D²``, removing it is a rank-one
+    downdate of ``C`` and a shift of the mean, and Sherman-Morrison gives
+
+        D²₋ᵢ = (N / (N-1))² (N-2) / (N-1) · D² / (1 - N D² / (N-1)²),
+
+    exact for the leave-one-out model with ridge ``ε (N-1) / (N-2)``
+    (``ε`` up to a factor ``1 + 1/(N-2)``). This makes leave-one-out
+    calibration as cheap as in-sample scoring. Needs ``N >= 3``.
+    """
+    n = float(count)
+    factor = (n / (n - 1)) ** 2 * (n - 2) / (n - 1)
+    # D² <= (N-1)² / N for in-sample points; clamp against rounding.
+    denominator = (1.0 - sq_distances * (n / (n - 1) ** 2)).clamp_min(1e-12)
+    return factor * sq_distances / denominator
+
+
 def shift_scatter(scatter, count, mean, center):
     """Scatter about ``center`` from the scatter about ``mean``: ``S + n (μ-c)(μ-c)ᵀ``."""
     delta = mean - center
@@ -76,6 +122,13 @@ def precision_cholesky(covariance):
     ``‖(x - μ) U‖``: one batched matrix product at scoring time, and no matrix
     inverse is ever formed (a triangular solve is stable and half the work).
     """
+    if covariance.device.type == "cpu":
+        with single_threaded():
+            return _precision_cholesky(covariance)
+    return _precision_cholesky(covariance)
+
+
+def _precision_cholesky(covariance):
     chol, info = torch.linalg.cholesky_ex(covariance)
     if bool((info > 0).any()):
         bad = int((info > 0).nonzero()[0, 0])

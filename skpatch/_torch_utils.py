@@ -3,6 +3,8 @@
 Kept free of estimator code so that every kernel module can import it.
 """
 
+import contextlib
+
 import numpy as np
 import torch
 
@@ -34,6 +36,23 @@ def as_tensor(array, device, dtype=None):
         # torch warns on read-only buffers (memmaps); a copy is the safe answer.
         array = np.array(array, order="C")
     return torch.from_numpy(array).to(device)
+
+
+@contextlib.contextmanager
+def single_threaded():
+    """Run torch single-threaded inside the block (restored afterwards).
+
+    Batched LAPACK calls (Cholesky, triangular solves) loop over small
+    matrices and parallelize inside each one; for 100 x 100 matrices that
+    only adds synchronization, which turns into 4-20x slowdowns as soon as
+    another process competes for the cores (measured here on 2 cores).
+    """
+    n_threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n_threads)
 
 
 def to_numpy(tensor):

@@ -82,3 +82,12 @@ def test_remove_moments_inverts_merge():
     assert rest[0] == expected[0]
     np.testing.assert_allclose(rest[1], expected[1])
     np.testing.assert_allclose(rest[2], expected[2], atol=1e-9)
+
+
+def test_chunked_moments_equal_one_shot():
+    x = _x() + 100  # a large offset: shifted sums must stay accurate
+    count, mean, scatter = _gaussian.chunked_moments([x[:, :4], x[:, 4:5], x[:, 5:]])
+    whole = _gaussian.batch_moments(x)
+    assert count == whole[0]
+    np.testing.assert_allclose(mean, whole[1])
+    np.testing.assert_allclose(scatter, whole[2], rtol=1e-9)

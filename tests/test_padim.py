@@ -16,20 +16,20 @@ def embeddings(n=40, c=6, h=3, w=4, seed=0, dtype=np.float32):
 
 
 def _expected_failed_checks(estimator):
-    if estimator.calibration_folds is None:
+    if estimator.calibration == "in-sample":
         return {}
-    # Cross-fitted offset_: the contamination quantile of out-of-fold training
-    # scores, so predict on the training set itself flags fewer than
-    # contamination (by design; see the calibration_folds docstring).
-    reason = "offset_ from out-of-fold scores, not in-sample ones"
+    # offset_ is the contamination quantile of leave-one-out training scores,
+    # so predict on the training set itself flags fewer than contamination
+    # (by design; see the calibration docstring).
+    reason = "offset_ from leave-one-out scores, not in-sample ones"
     return {"check_outliers_train": reason, "check_outliers_fit_predict": reason}
 
 
 @parametrize_with_checks(
     [
         PaDiMDetector(map_size=8),
-        PaDiMDetector(map_size=8, calibration_folds=None),
-        PaDiMDetector(n_features=1, random_state=0, calibration_folds=None),
+        PaDiMDetector(map_size=8, calibration="in-sample"),
+        PaDiMDetector(n_features=1, random_state=0, calibration="in-sample"),
     ],
     expected_failed_checks=_expected_failed_checks,
 )
@@ -76,7 +76,7 @@ def test_maps_are_upsampled_blurred_and_scored_by_their_max():
 
 def test_outlier_interface_and_contamination():
     X = embeddings(n=100)
-    det = PaDiMDetector(contamination=0.1, map_size=None, calibration_folds=None).fit(X)
+    det = PaDiMDetector(contamination=0.1, map_size=None, calibration="in-sample").fit(X)
     assert (det.predict(X) == -1).sum() == 10
     det = PaDiMDetector(contamination=0.1, map_size=None).fit(X)
     np.testing.assert_allclose(det.decision_function(X), det.score_samples(X) - det.offset_)
@@ -84,16 +84,28 @@ def test_outlier_interface_and_contamination():
     assert det.score_samples(X + 50).max() < det.score_samples(X).min()
 
 
-def test_cross_fitted_offset_holds_on_new_normal_images():
+def test_leave_one_out_offset_holds_on_new_normal_images():
     # 60 images for a 6-dim Gaussian per position: in-sample scores are optimistic.
     data = embeddings(n=1060)
     X, new = data[:60], data[60:]
     flagged = {}
-    for folds in (None, 5):
-        det = PaDiMDetector(contamination=0.1, map_size=None, calibration_folds=folds).fit(X)
-        flagged[folds] = (det.predict(new) == -1).mean()
-    assert 0.04 < flagged[5] < 0.2
-    assert flagged[None] > flagged[5] + 0.05
+    for rule in ("in-sample", "leave-one-out"):
+        det = PaDiMDetector(contamination=0.1, map_size=None, calibration=rule).fit(X)
+        flagged[rule] = (det.predict(new) == -1).mean()
+    assert 0.04 < flagged["leave-one-out"] < 0.2
+    assert flagged["in-sample"] > flagged["leave-one-out"] + 0.05
+
+
+def test_leave_one_out_scores_match_refits():
+    X = embeddings(n=30, dtype=np.float64)
+    det = PaDiMDetector(map_size=None, sigma=0, epsilon=0.5).fit(X)
+    for i in (0, 7):
+        rest = np.delete(X, i, axis=0)
+        # the closed form is exact for the refit with ridge epsilon (N-1)/(N-2)
+        refit = PaDiMDetector(map_size=None, sigma=0, epsilon=0.5 * 29 / 28,
+                              calibration="in-sample").fit(rest)
+        np.testing.assert_allclose(det._train_scores[i], -refit.score_samples(X[i:i + 1])[0],
+                                   rtol=1e-6)
 
 
 def test_random_channel_subset_is_seeded():

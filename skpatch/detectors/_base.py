@@ -96,7 +96,9 @@ class BasePatchDetector(OutlierMixin, BaseEstimator):
 
     def _iter_chunks(self, X, device):
         """Yield ``(slice, tensor on device)`` chunks sized by ``sklearn.get_config()['working_memory']``."""
-        chunk = get_chunk_n_rows(row_bytes=self._bytes_per_image(X), max_n_rows=len(X))
+        # Batched products are efficient from a few dozen images on; larger
+        # chunks only add memory, so the working-memory budget is also capped.
+        chunk = get_chunk_n_rows(row_bytes=self._bytes_per_image(X), max_n_rows=min(len(X), 32))
         for batch in gen_batches(len(X), chunk):
             yield batch, as_tensor(X[batch], device)
 
@@ -268,13 +270,18 @@ class BaseGaussianDetector(BasePatchDetector):
         covariance = _gaussian.regularized_covariance(scatter, count, self.epsilon)
         return center, _gaussian.precision_cholesky(covariance)
 
-    def _patch_scorer(self, mean, prec_chol):
-        """Patch scores (eq. 2) under the Gaussians ``(mean, prec_chol)``."""
+    def _patch_scorer(self, center, prec_chol, leave_one_out=None):
+        """Patch scores (eq. 2) under the Gaussians ``(center, prec_chol)``.
+
+        ``leave_one_out=N`` scores training images of the ``N`` that fitted
+        the model as if each had been left out (see
+        :func:`skpatch._gaussian.leave_one_out_sq`).
+        """
 
         def patch_scores(x):
-            distances = _gaussian.mahalanobis(
-                self._positions(x.to(mean.dtype)), mean, prec_chol
-            )
+            distances = _gaussian.mahalanobis(self._positions(x.to(center.dtype)), center, prec_chol)
+            if leave_one_out is not None:
+                distances = _gaussian.leave_one_out_sq(distances.square(), leave_one_out).sqrt()
             return distances.T.reshape(len(x), *self.grid_shape_)
 
         return patch_scores

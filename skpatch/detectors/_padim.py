@@ -1,11 +1,9 @@
 """PaDiM: one Gaussian per patch position (Defard et al., 2021)."""
 
-from numbers import Integral
-
 import numpy as np
 import torch
 from sklearn.base import _fit_context
-from sklearn.utils._param_validation import Interval
+from sklearn.utils._param_validation import StrOptions
 
 from .. import _gaussian
 from .._torch_utils import as_tensor, resolve_device, to_numpy
@@ -43,18 +41,16 @@ class PaDiMDetector(BaseGaussianDetector):
         default); None keeps the patch grid.
     contamination : float in (0, 0.5], default=0.1
         Expected fraction of anomalies: ``offset_`` is this quantile of the
-        training images' ``score_samples``, computed as ``calibration_folds``
-        says.
-    calibration_folds : int >= 2 or None, default=5
-        How the training scores that set ``offset_`` are computed. An int
-        ``K`` scores each of ``K`` folds of the training images with the
-        model fitted on the other folds (cross-fitting; cheap, since those
-        models are the full statistics minus one fold's). A Gaussian scores
-        the images it was fitted on much lower than new normal images, so
-        ``None`` (in-sample scores, the rule of scikit-learn's
-        ``EllipticEnvelope``) sets a threshold that flags far more than
-        ``contamination`` of new normal images: on ELPV it flagged 75 % of
-        held-out good cells for ``contamination=0.1``.
+        training images' ``score_samples``, computed as ``calibration`` says.
+    calibration : {"leave-one-out", "in-sample"}, default="leave-one-out"
+        Which training scores set ``offset_``. A Gaussian scores the images
+        it was fitted on much lower than new normal images, so the in-sample
+        rule of scikit-learn's ``EllipticEnvelope`` sets a threshold that
+        flags far more than ``contamination`` of new normal images (75 % of
+        held-out good ELPV cells for ``contamination=0.1``).
+        ``"leave-one-out"`` scores every training image with the model
+        fitted without it, in closed form (Sherman-Morrison on each
+        position's covariance, see Notes), at the cost of in-sample scoring.
     random_state : int, RandomState instance or None, default=None
         Seeds the channel subset.
     device : str, default="auto"
@@ -88,11 +84,19 @@ class PaDiMDetector(BaseGaussianDetector):
 
     Notes
     -----
+    Leave-one-out scores: removing image ``i`` from the ``N`` training
+    images is a rank-one downdate of every position's scatter and a shift of
+    its mean, so its squared distance to the model without it is
+    ``(N/(N-1))² (N-2)/(N-1) · D² / (1 - N D²/(N-1)²)`` in terms of its
+    in-sample squared distance ``D²`` (exact for a ridge of ``ε (N-1)/(N-2)``
+    instead of ``ε``). The image score of the left-out image then follows
+    as usual (map, blur, max).
+
     With :meth:`partial_fit`, ``offset_`` is the ``contamination`` quantile
-    of the scores of every image seen, each batch scored by the model fitted
-    on the batches before it (prequential scores; the first batch, which has
-    no earlier model, is scored in-sample) when ``calibration_folds`` is
-    set, and by the model after its own batch when it is None.
+    of the scores of every image seen, each batch scored by the model as it
+    was after that batch (leave-one-out when ``calibration`` says so;
+    in-sample while fewer than 3 images have been seen, and a first batch of
+    one image is not scored).
 
     References
     ----------
@@ -115,7 +119,7 @@ class PaDiMDetector(BaseGaussianDetector):
 
     _parameter_constraints = {
         **BaseGaussianDetector._parameter_constraints,
-        "calibration_folds": [Interval(Integral, 2, None, closed="left"), None],
+        "calibration": [StrOptions({"leave-one-out", "in-sample"})],
     }
 
     def __init__(
@@ -126,7 +130,7 @@ class PaDiMDetector(BaseGaussianDetector):
         sigma=4.0,
         map_size=224,
         contamination=0.1,
-        calibration_folds=5,
+        calibration="leave-one-out",
         random_state=None,
         device="auto",
     ):
@@ -135,19 +139,23 @@ class PaDiMDetector(BaseGaussianDetector):
         self.sigma = sigma
         self.map_size = map_size
         self.contamination = contamination
-        self.calibration_folds = calibration_folds
+        self.calibration = calibration
         self.random_state = random_state
         self.device = device
 
     # ------------------------------------------------------------------ fitting
-    def _moments(self, X, device, moments=None):
-        """Merge the moments of images ``X`` into ``moments`` (tensors on ``device``)."""
-        for _, x in self._iter_chunks(X, device):
-            moments = _gaussian.merge_moments(moments, _gaussian.batch_moments(self._positions(x)))
-        return moments
+    def _moments(self, X, device):
+        """Count, mean and scatter of the images ``X`` (tensors on ``device``)."""
+        return _gaussian.chunked_moments(
+            self._positions(x) for _, x in self._iter_chunks(X, device)
+        )
 
     def _update(self, X, device):
-        """Add the images ``X`` (validated) to the model; set the scoring state."""
+        """Add the images ``X`` (validated) to the model; set the scoring state.
+
+        Returns a scorer of the training images (see ``calibration``), or
+        None while fewer than 2 images have been seen.
+        """
         previous = None
         if getattr(self, "n_samples_seen_", 0):
             previous = (
@@ -155,27 +163,17 @@ class PaDiMDetector(BaseGaussianDetector):
                 as_tensor(self.mean_, device),
                 as_tensor(self.scatter_, device),
             )
-        moments = self._moments(X, device, previous)
+        moments = _gaussian.merge_moments(previous, self._moments(X, device))
         self.n_samples_seen_ = int(moments[0])
         self.mean_ = to_numpy(moments[1])
         self.scatter_ = to_numpy(moments[2])
-        if moments[0] >= 2:
-            self.precision_cholesky_ = to_numpy(self._whitening(moments)[1])
-        return moments
-
-    def _out_of_fold_scores(self, X, moments, device):
-        """Score fold ``k`` (images ``k::K``) with the model fitted without it."""
-        n_folds = min(self.calibration_folds, len(X) // 2)
-        if n_folds < 2:  # too few images to leave any out: in-sample
-            return self._anomaly_scores(X)
-        scores = np.empty(len(X), dtype=X.dtype)
-        for k in range(n_folds):
-            fold = X[k::n_folds]
-            rest = _gaussian.remove_moments(moments, self._moments(fold, device))
-            scores[k::n_folds] = self._anomaly_scores(
-                fold, self._patch_scorer(*self._whitening(rest))
-            )
-        return scores
+        count = moments[0]
+        if count < 2:
+            return None
+        mean, prec_chol = self._whitening(moments)
+        self.precision_cholesky_ = to_numpy(prec_chol)
+        loo = count if self.calibration == "leave-one-out" and count >= 3 else None
+        return self._patch_scorer(mean, prec_chol, loo)
 
     @_fit_context(prefer_skip_nested_validation=True)
     def fit(self, X, y=None):
@@ -200,11 +198,8 @@ class PaDiMDetector(BaseGaussianDetector):
         self.feature_indices_ = self._select_features(X.shape[1])
         device = resolve_device(self.device)
         with torch.inference_mode():
-            moments = self._update(X, device)
-            if self.calibration_folds is None:
-                self._train_scores = self._anomaly_scores(X)
-            else:
-                self._train_scores = self._out_of_fold_scores(X, moments, device)
+            training_scorer = self._update(X, device)
+            self._train_scores = self._anomaly_scores(X, training_scorer)
         self._set_offset(self._train_scores)
         return self
 
@@ -232,15 +227,12 @@ class PaDiMDetector(BaseGaussianDetector):
         if first:
             self.feature_indices_ = self._select_features(X.shape[1])
             self._train_scores = np.empty(0, dtype=X.dtype)
-        prequential = self.calibration_folds is not None and hasattr(self, "precision_cholesky_")
-        scores = self._anomaly_scores(X) if prequential else None
         with torch.inference_mode():
-            self._update(X, resolve_device(self.device))
-        if hasattr(self, "precision_cholesky_"):
-            if scores is None:
-                scores = self._anomaly_scores(X)
-            self._train_scores = np.concatenate([self._train_scores, scores])
-            self._set_offset(self._train_scores)
+            training_scorer = self._update(X, resolve_device(self.device))
+            if training_scorer is not None:
+                scores = self._anomaly_scores(X, training_scorer)
+                self._train_scores = np.concatenate([self._train_scores, scores])
+                self._set_offset(self._train_scores)
         return self
 
     def _check_scorable(self):
