@@ -181,3 +181,21 @@ def test_pretrained_lite0_classifies_imagenet_images(lite0_pretrained, size):
     with torch.no_grad():
         proba = torch.softmax(lite0_pretrained(x), dim=1)
     assert proba.argmax(dim=1).tolist() == [285, 967]
+
+
+@pytest.mark.integration
+def test_registry_weights_and_embedder_preprocessing_classify_imagenet_images():
+    """The weights as skpatch loads them, fed by PatchEmbedder's own preprocessing."""
+    data = pytest.importorskip("skimage.data")
+    from skpatch._images import load_batch
+    from skpatch.backbones import get_backbone, load_backbone
+
+    module, spec = load_backbone("efficientnet_lite0", "imagenet")
+    spec.fuse(module)  # the inference form PatchEmbedder runs
+    for image, label in ((data.chelsea(), 285), (data.coffee(), 967)):
+        # the whole picture at the network's native 224 x 224 (a 224 center crop
+        # cuts chelsea's head: tiger cat 282 edges out Egyptian cat 285 there)
+        x = load_batch(image[None], slice(0, 1), (224, 224), None, spec.mean, spec.std, "cpu")
+        with torch.no_grad():
+            assert module(x).argmax(dim=1).item() == label
+    assert get_backbone("efficientnet_lite0").mean == (0.5, 0.5, 0.5)
