@@ -5,6 +5,8 @@
   of anomalous images and a folder of their ground-truth masks.
 * :func:`load_elpv` and :func:`load_elpv_split` give the ELPV solar-cell
   dataset (PyPI package ``elpv-dataset``) and the one-class benchmark split.
+* :func:`make_contaminated_split` moves anomalous test images into the training
+  set, the noisy-training protocol of SoftPatch and RPaDiM.
 * :func:`make_synthetic_defects` paints scratches, stains, cut-and-paste patches
   and intensity changes on normal images, with exact pixel masks.
 
@@ -26,6 +28,7 @@ __all__ = [
     "load_image_folder",
     "load_elpv",
     "load_elpv_split",
+    "make_contaminated_split",
     "make_synthetic_defects",
 ]
 
@@ -645,6 +648,143 @@ def load_elpv_split(cell_type="mono", *, train_size=0.7, random_state=0):
 
 
 # --------------------------------------------------------------------------
+# Contaminated training sets
+# --------------------------------------------------------------------------
+def _take(X, indices):
+    """Rows ``indices`` of an array, or items of a list (a list back)."""
+    if isinstance(X, np.ndarray):
+        return X[indices]
+    return [X[i] for i in indices]
+
+
+def _concat(a, b):
+    if isinstance(a, np.ndarray) and isinstance(b, np.ndarray):
+        return np.concatenate([a, b])
+    return list(a) + list(b)
+
+
+def make_contaminated_split(
+    X_train, X_test, y_test, *, masks_test=None, contamination=0.1, random_state=0
+):
+    """Contaminate a training set with anomalous test images (noisy-training protocol).
+
+    The protocol of SoftPatch and RPaDiM (§5.1) for training sets that are
+    not clean: a random subset of the anomalous test images is moved into the
+    training set, all normal training images are kept, and the moved images
+    leave the test set, so that no image is both trained on and evaluated.
+
+    Parameters
+    ----------
+    X_train : ndarray of shape (n_train, ...) or list
+        Normal training images (or embeddings, or file paths).
+    X_test : ndarray of shape (n_test, ...) or list
+        Test images.
+    y_test : array-like of shape (n_test,)
+        Test labels, 0 = normal, 1 = anomalous.
+    masks_test : ndarray of shape (n_test, H, W) or None, default=None
+        Ground-truth masks of the test images; when given, those of the
+        images left in the test set are returned too.
+    contamination : float in [0, 1), default=0.1
+        Fraction of anomalous images in the returned training set:
+        ``round(contamination * n_train / (1 - contamination))`` anomalous
+        images are added to the ``n_train`` normal ones (10 % of 411 normal
+        images: 46 anomalous). 0 returns the inputs unchanged.
+    random_state : int, RandomState instance or None, default=0
+        Seed of the choice of the anomalous images and of their places in
+        the training set.
+
+    Returns
+    -------
+    X_train : ndarray or list of length n_train + n_anomalous
+        The normal training images, in their order, with the anomalous ones
+        inserted at random places.
+    X_test : ndarray or list
+        The test images that were not moved, in their order.
+    y_train : ndarray of shape (n_train + n_anomalous,), dtype int64
+        1 for the anomalous images of the training set, 0 for the others
+        (to check what a robust detector dropped; a detector ignores it).
+    y_test : ndarray of shape (n_test - n_anomalous,), dtype int64
+        Labels of the test images left.
+    masks_test : ndarray of shape (n_test - n_anomalous, H, W)
+        Only when ``masks_test`` is given: the masks of the test images left.
+
+    Raises
+    ------
+    ValueError
+        If the lengths disagree, the labels are not 0 / 1, or fewer than
+        ``n_anomalous + 1`` anomalous test images exist (one must stay in
+        the test set).
+
+    Notes
+    -----
+    With the same ``random_state``, the anomalous images moved at a lower
+    ``contamination`` are a subset of those moved at a higher one, so that a
+    sweep over ``contamination`` adds noise to the same base; the test set of
+    the highest level is then contained in the others (evaluate every level
+    on it to compare them on the same images).
+
+    ``contamination`` is the share of the final training set, the meaning of
+    ``contamination`` in scikit-learn's outlier detectors.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from skpatch.datasets import make_contaminated_split
+    >>> X_train = np.zeros((90, 8, 8))
+    >>> X_test = np.ones((40, 8, 8))
+    >>> y_test = np.r_[np.zeros(20), np.ones(20)]
+    >>> X_tr, X_te, y_tr, y_te = make_contaminated_split(
+    ...     X_train, X_test, y_test, contamination=0.1, random_state=0)
+    >>> X_tr.shape, int(y_tr.sum()), X_te.shape, int(y_te.sum())
+    ((100, 8, 8), 10, (30, 8, 8), 10)
+    """
+    n_train, n_test = len(X_train), len(X_test)
+    y = np.asarray(y_test)
+    if y.ndim != 1 or len(y) != n_test:
+        raise ValueError(
+            f"y_test must be 1-D with one label per test image ({n_test}), got shape {y.shape}."
+        )
+    if not np.isin(y, (0, 1)).all():
+        raise ValueError("y_test must contain only 0 (normal) and 1 (anomalous).")
+    if masks_test is not None and len(masks_test) != n_test:
+        raise ValueError(
+            f"masks_test has {len(masks_test)} masks for {n_test} test images."
+        )
+    if (
+        not isinstance(contamination, numbers.Real)
+        or isinstance(contamination, (bool, np.bool_))
+        or not 0 <= contamination < 1
+    ):
+        raise ValueError(f"contamination must be a float in [0, 1), got {contamination!r}")
+    rng = check_random_state(random_state)
+    n_anomalous = int(round(contamination * n_train / (1 - contamination)))
+    anomalous = np.flatnonzero(y == 1)
+    if n_anomalous and n_anomalous >= len(anomalous):
+        raise ValueError(
+            f"contamination={contamination} needs {n_anomalous} anomalous images in the "
+            f"training set, but the test set has {len(anomalous)} and must keep at least one."
+        )
+    # The first n of one permutation: lower levels move a subset of higher ones.
+    moved = rng.permutation(anomalous)[:n_anomalous]
+    n_total = n_train + n_anomalous
+    slots = np.zeros(n_total, dtype=bool)
+    slots[rng.choice(n_total, n_anomalous, replace=False)] = True
+    order = np.empty(n_total, dtype=np.intp)
+    order[~slots] = np.arange(n_train)
+    order[slots] = n_train + np.arange(n_anomalous)
+    kept = np.setdiff1d(np.arange(n_test), moved)
+    out = (
+        _take(_concat(X_train, _take(X_test, moved)), order),
+        _take(X_test, kept),
+        slots.astype(np.int64),
+        y[kept].astype(np.int64),
+    )
+    if masks_test is not None:
+        out = out + (np.asarray(masks_test)[kept],)
+    return out
+
+
+# --------------------------------------------------------------------------
 # Synthetic defects
 # --------------------------------------------------------------------------
 def _smoothstep(x):
@@ -757,13 +897,17 @@ def _defect_scratch(img, rng):
     return sl, _shift(region, alpha, strength, darken)
 
 
-def _defect_blob(img, rng):
-    """Irregular stain: smooth-edged wobbly ellipse with a soft, mottled shift."""
-    H, W, C = img.shape
-    s = min(H, W)
-    a, b = rng.uniform(0.03, 0.12, size=2) * s
-    a, b = max(a, 1.5), max(b, 1.5)
-    irregularity = rng.uniform(0.1, 0.5)
+def _soft_region(img, rng, axis_range, min_axis, irregularity_range, softness_range):
+    """A random irregular ellipse with a soft edge: ``(slice, alpha, minor)`` or None.
+
+    Semi-axes are ``axis_range`` times the image side (at least ``min_axis``
+    pixels; ``minor`` is the smaller); ``alpha`` in [0, 1] is the region's
+    weight on the local frame.
+    """
+    H, W, _ = img.shape
+    a, b = rng.uniform(*axis_range, size=2) * min(H, W)
+    a, b = max(a, min_axis), max(b, min_axis)
+    irregularity = rng.uniform(*irregularity_range)
     cy, cx = rng.uniform([0.1 * H, 0.1 * W], [0.9 * H, 0.9 * W])
     frame = _local_frame(cy, cx, max(a, b) * (1 + irregularity) + 2, (H, W),
                          rng.uniform(0, np.pi))
@@ -771,12 +915,17 @@ def _defect_blob(img, rng):
         return None
     sl, u, v = frame
     rho = _irregular_radius(u, v, a, b, rng, irregularity)
-    softness = rng.uniform(0.3, 0.8)
-    alpha = _smoothstep((1.0 - rho) / softness)
+    return sl, _smoothstep((1.0 - rho) / rng.uniform(*softness_range)), min(a, b)
+
+
+def _defect_blob(img, rng):
+    """Irregular stain: smooth-edged wobbly ellipse with a soft, mottled shift."""
+    region = _soft_region(img, rng, (0.03, 0.12), 1.5, (0.1, 0.5), (0.3, 0.8))
+    if region is None:
+        return None
+    sl, alpha, minor = region
     # Mottled inside: multiply by a smooth random field.
-    field = ndimage.gaussian_filter(
-        rng.standard_normal(alpha.shape), sigma=max(min(a, b) / 3, 1.0)
-    )
+    field = ndimage.gaussian_filter(rng.standard_normal(alpha.shape), sigma=max(minor / 3, 1.0))
     field /= max(float(np.abs(field).max()), 1e-12)
     alpha = alpha * (0.8 + 0.2 * field)
     region = img[sl]
@@ -784,8 +933,8 @@ def _defect_blob(img, rng):
     mean = float((region.mean(axis=-1) * weights).sum())
     darken = _pick_darken(mean, rng)
     strength = rng.uniform(0.2, 0.5)
-    if C > 1:  # a slightly tinted stain
-        strength = strength * (1.0 + rng.uniform(-0.3, 0.3, size=C))
+    if img.shape[2] > 1:  # a slightly tinted stain
+        strength = strength * (1.0 + rng.uniform(-0.3, 0.3, size=img.shape[2]))
     return sl, np.clip(_shift(region, alpha, strength, darken), 0.0, 1.0)
 
 
@@ -839,19 +988,10 @@ def _defect_cutpaste(img, rng):
 
 def _defect_intensity(img, rng):
     """A large soft region brightened, darkened or with changed contrast."""
-    H, W, C = img.shape
-    s = min(H, W)
-    a, b = rng.uniform(0.08, 0.25, size=2) * s
-    a, b = max(a, 2.0), max(b, 2.0)
-    irregularity = rng.uniform(0.0, 0.3)
-    cy, cx = rng.uniform([0.1 * H, 0.1 * W], [0.9 * H, 0.9 * W])
-    frame = _local_frame(cy, cx, max(a, b) * (1 + irregularity) + 2, (H, W),
-                         rng.uniform(0, np.pi))
-    if frame is None:
+    region = _soft_region(img, rng, (0.08, 0.25), 2.0, (0.0, 0.3), (0.3, 0.7))
+    if region is None:
         return None
-    sl, u, v = frame
-    rho = _irregular_radius(u, v, a, b, rng, irregularity)
-    alpha = _smoothstep((1.0 - rho) / rng.uniform(0.3, 0.7))
+    sl, alpha, _ = region
     region = img[sl]
     weights = alpha / max(float(alpha.sum()), 1e-12)
     mean = float((region.mean(axis=-1) * weights).sum())
