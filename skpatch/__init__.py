@@ -8,8 +8,15 @@ parts and scores new ones.
 
 from ._compose import anomaly_map, fit_in_batches
 from ._embedder import PatchEmbedder
-from .detectors import PaDiMDetector
+from .detectors import PaDiMDetector, RobustPaDiMDetector, make_rpadim_pipeline
 
 __version__ = "0.1.0.dev0"
 
-__all__ = ["PaDiMDetector", "PatchEmbedder", "anomaly_map", "fit_in_batches"]
+__all__ = [
+    "PaDiMDetector",
+    "PatchEmbedder",
+    "RobustPaDiMDetector",
+    "anomaly_map",
+    "fit_in_batches",
+    "make_rpadim_pipeline",
+]

@@ -2,5 +2,12 @@
 
 from ._base import BaseGaussianDetector, BasePatchDetector
 from ._padim import PaDiMDetector
+from ._rpadim import RobustPaDiMDetector, make_rpadim_pipeline
 
-__all__ = ["BaseGaussianDetector", "BasePatchDetector", "PaDiMDetector"]
+__all__ = [
+    "BaseGaussianDetector",
+    "BasePatchDetector",
+    "PaDiMDetector",
+    "RobustPaDiMDetector",
+    "make_rpadim_pipeline",
+]
