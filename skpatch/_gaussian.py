@@ -17,15 +17,6 @@ import torch
 from ._torch_utils import single_threaded
 
 
-def batch_moments(x):
-    """Count, mean ``(P, d)`` and scatter ``(P, d, d)`` of one batch ``x (P, n, d)``."""
-    count = x.shape[1]
-    mean = x.mean(dim=1)
-    centered = x - mean.unsqueeze(1)
-    scatter = centered.transpose(1, 2) @ centered
-    return count, mean, scatter
-
-
 def chunked_moments(chunks):
     """Count, mean and scatter of all the ``(P, b, d)`` chunks of an iterable.
 
@@ -67,21 +58,6 @@ def merge_moments(first, second):
     return count, mean, scatter
 
 
-def remove_moments(whole, part):
-    """Moments of ``whole`` without the samples of ``part`` (the inverse of the merge).
-
-    Gives the statistics of a model fitted without one fold of the data,
-    without a second pass over the other folds.
-    """
-    n, mean, scatter = whole
-    n_b, mean_b, scatter_b = part
-    n_a = n - n_b
-    mean_a = (mean * n - mean_b * n_b) / n_a
-    delta = mean_b - mean_a
-    outer = delta.unsqueeze(2) * delta.unsqueeze(1)
-    return n_a, mean_a, scatter - scatter_b - outer * (n_a * n_b / n)
-
-
 def leave_one_out_sq(sq_distances, count):
     """Squared Mahalanobis distances of training samples to the model fitted without them.
 
@@ -100,12 +76,6 @@ def leave_one_out_sq(sq_distances, count):
     # D² <= (N-1)² / N for in-sample points; clamp against rounding.
     denominator = (1.0 - sq_distances * (n / (n - 1) ** 2)).clamp_min(1e-12)
     return factor * sq_distances / denominator
-
-
-def shift_scatter(scatter, count, mean, center):
-    """Scatter about ``center`` from the scatter about ``mean``: ``S + n (μ-c)(μ-c)ᵀ``."""
-    delta = mean - center
-    return scatter + count * (delta.unsqueeze(2) * delta.unsqueeze(1))
 
 
 def regularized_covariance(scatter, count, epsilon):

@@ -4,14 +4,21 @@ import torch
 from skpatch import _gaussian
 
 
+def batch_moments(x):
+    """Reference: count, mean and scatter of one batch (P, n, d)."""
+    mean = x.mean(dim=1)
+    centered = x - mean.unsqueeze(1)
+    return x.shape[1], mean, centered.transpose(1, 2) @ centered
+
+
 def _x(seed=0, positions=5, n=30, d=4):
     g = torch.Generator().manual_seed(seed)
     return torch.randn(positions, n, d, generator=g, dtype=torch.float64) * 3 + 1
 
 
-def test_batch_moments_match_numpy_cov():
+def test_reference_moments_match_numpy_cov():
     x = _x()
-    count, mean, scatter = _gaussian.batch_moments(x)
+    count, mean, scatter = batch_moments(x)
     assert count == 30
     for p in range(x.shape[0]):
         np.testing.assert_allclose(mean[p], x[p].mean(0))
@@ -22,8 +29,8 @@ def test_merge_equals_one_shot():
     x = _x()
     merged = None
     for part in (x[:, :1], x[:, 1:7], x[:, 7:]):
-        merged = _gaussian.merge_moments(merged, _gaussian.batch_moments(part))
-    whole = _gaussian.batch_moments(x)
+        merged = _gaussian.merge_moments(merged, batch_moments(part))
+    whole = batch_moments(x)
     assert merged[0] == whole[0]
     np.testing.assert_allclose(merged[1], whole[1])
     np.testing.assert_allclose(merged[2], whole[2])
@@ -31,14 +38,14 @@ def test_merge_equals_one_shot():
 
 def test_regularized_covariance_is_eq1():
     x = _x()
-    count, _, scatter = _gaussian.batch_moments(x)
+    count, _, scatter = batch_moments(x)
     cov = _gaussian.regularized_covariance(scatter, count, 0.01)
     np.testing.assert_allclose(cov[2], np.cov(x[2].T.numpy()) + 0.01 * np.eye(4))
 
 
 def test_precision_cholesky_and_mahalanobis():
     x = _x()
-    count, mean, scatter = _gaussian.batch_moments(x)
+    count, mean, scatter = batch_moments(x)
     cov = _gaussian.regularized_covariance(scatter, count, 0.01)
     prec_chol = _gaussian.precision_cholesky(cov)
     assert torch.allclose(prec_chol, prec_chol.triu())
@@ -54,14 +61,6 @@ def test_precision_cholesky_and_mahalanobis():
             assert np.isclose(dist[p, i].item(), np.sqrt(diff @ precision @ diff))
 
 
-def test_shift_scatter_is_scatter_about_center():
-    x = _x()
-    count, mean, scatter = _gaussian.batch_moments(x)
-    center = torch.zeros_like(mean)
-    shifted = _gaussian.shift_scatter(scatter, count, mean, center)
-    np.testing.assert_allclose(shifted, x.transpose(1, 2) @ x)
-
-
 def test_singular_covariance_error_names_epsilon():
     cov = torch.zeros(2, 3, 3, dtype=torch.float64)
     try:
@@ -72,22 +71,10 @@ def test_singular_covariance_error_names_epsilon():
         raise AssertionError("no error")
 
 
-def test_remove_moments_inverts_merge():
-    x = _x()
-    whole = _gaussian.batch_moments(x)
-    rest = _gaussian.remove_moments(whole, _gaussian.batch_moments(x[:, ::3]))
-    mask = np.ones(30, bool)
-    mask[::3] = False
-    expected = _gaussian.batch_moments(x[:, mask])
-    assert rest[0] == expected[0]
-    np.testing.assert_allclose(rest[1], expected[1])
-    np.testing.assert_allclose(rest[2], expected[2], atol=1e-9)
-
-
 def test_chunked_moments_equal_one_shot():
     x = _x() + 100  # a large offset: shifted sums must stay accurate
     count, mean, scatter = _gaussian.chunked_moments([x[:, :4], x[:, 4:5], x[:, 5:]])
-    whole = _gaussian.batch_moments(x)
+    whole = batch_moments(x)
     assert count == whole[0]
     np.testing.assert_allclose(mean, whole[1])
     np.testing.assert_allclose(scatter, whole[2], rtol=1e-9)
