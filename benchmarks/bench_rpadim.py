@@ -42,8 +42,8 @@ per-image rate times their number) plus the detector's ``fit``. ``flagged
 good`` is the share of the normal test images that ``predict`` calls
 anomalous (``contamination=0.1``, leave-one-out calibration)::
 
-    python benchmarks/bench_rpadim.py            # full table (~12 min on 2 cores)
-    python benchmarks/bench_rpadim.py --quick    # subsampled smoke run (~2 min)
+    python benchmarks/bench_rpadim.py            # full table (8 to 12 min on 2 cores)
+    python benchmarks/bench_rpadim.py --quick    # subsampled smoke run (~3 min)
 """
 
 import argparse

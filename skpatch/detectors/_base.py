@@ -265,6 +265,8 @@ class BaseGaussianDetector(BasePatchDetector):
         """``(center, precision Cholesky factor)`` of ``(count, center, scatter)``.
 
         PaDiM eq. (1) (``scatter / (N - 1) + εI``), then the Cholesky factor.
+        ``count`` is a number, or a ``(P, 1, 1)`` tensor of per-position
+        counts (RPaDiM keeps a different number of patches at each position).
         """
         count, center, scatter = moments
         covariance = _gaussian.regularized_covariance(scatter, count, self.epsilon)
