@@ -19,7 +19,7 @@ import torch
 from sklearn.base import BaseEstimator, OutlierMixin
 from sklearn.utils import check_random_state, gen_batches
 from sklearn.utils._chunking import get_chunk_n_rows
-from sklearn.utils._param_validation import Interval
+from sklearn.utils._param_validation import Interval, StrOptions
 from sklearn.utils.validation import check_array, check_is_fitted, validate_data
 
 from .. import _gaussian
@@ -229,6 +229,7 @@ class BaseGaussianDetector(BasePatchDetector):
         **BasePatchDetector._parameter_constraints,
         "n_features": [Interval(Integral, 1, None, closed="left"), None],
         "epsilon": [Interval(Real, 0, None, closed="left")],
+        "calibration": [StrOptions({"leave-one-out", "in-sample"})],
         "random_state": ["random_state"],
     }
 

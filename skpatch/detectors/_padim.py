@@ -3,7 +3,6 @@
 import numpy as np
 import torch
 from sklearn.base import _fit_context
-from sklearn.utils._param_validation import StrOptions
 
 from .. import _gaussian
 from .._torch_utils import as_tensor, resolve_device, to_numpy
@@ -116,11 +115,6 @@ class PaDiMDetector(BaseGaussianDetector):
     >>> detector.predict(X[:3] + 10)
     array([-1, -1, -1])
     """
-
-    _parameter_constraints = {
-        **BaseGaussianDetector._parameter_constraints,
-        "calibration": [StrOptions({"leave-one-out", "in-sample"})],
-    }
 
     def __init__(
         self,

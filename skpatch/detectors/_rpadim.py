@@ -10,7 +10,7 @@ from sklearn.base import _fit_context
 from sklearn.pipeline import make_pipeline
 from sklearn.utils import gen_batches
 from sklearn.utils._chunking import get_chunk_n_rows
-from sklearn.utils._param_validation import Interval, StrOptions
+from sklearn.utils._param_validation import Interval
 
 from .. import _gaussian, _robust
 from .._embedder import PatchEmbedder
@@ -200,7 +200,6 @@ class RobustPaDiMDetector(BaseGaussianDetector):
         "tau": [Interval(Real, 0, 1, closed="right")],
         "max_iter": [Interval(Integral, 1, None, closed="left")],
         "tol": [Interval(Real, 0, None, closed="left")],
-        "calibration": [StrOptions({"leave-one-out", "in-sample"})],
     }
 
     def __init__(
