@@ -6,6 +6,8 @@ from sklearn.utils.estimator_checks import parametrize_with_checks
 
 from skpatch import PaDiMDetector, PatchEmbedder, anomaly_map, fit_in_batches
 
+from _common import expected_failed_checks
+
 
 def embeddings(n=40, c=6, h=3, w=4, seed=0, dtype=np.float32):
     rng = np.random.RandomState(seed)
@@ -15,23 +17,13 @@ def embeddings(n=40, c=6, h=3, w=4, seed=0, dtype=np.float32):
     return np.ascontiguousarray(x.transpose(0, 3, 1, 2)).astype(dtype)
 
 
-def _expected_failed_checks(estimator):
-    if estimator.calibration == "in-sample":
-        return {}
-    # offset_ is the contamination quantile of leave-one-out training scores,
-    # so predict on the training set itself flags fewer than contamination
-    # (by design; see the calibration docstring).
-    reason = "offset_ from leave-one-out scores, not in-sample ones"
-    return {"check_outliers_train": reason, "check_outliers_fit_predict": reason}
-
-
 @parametrize_with_checks(
     [
         PaDiMDetector(map_size=8),
         PaDiMDetector(map_size=8, calibration="in-sample"),
         PaDiMDetector(n_features=1, random_state=0, calibration="in-sample"),
     ],
-    expected_failed_checks=_expected_failed_checks,
+    expected_failed_checks=expected_failed_checks,
 )
 def test_sklearn_compatible_on_2d_input(estimator, check):
     check(estimator)

@@ -10,6 +10,8 @@ from sklearn.utils.estimator_checks import parametrize_with_checks
 from skpatch import PaDiMDetector, RobustPaDiMDetector, anomaly_map, make_rpadim_pipeline
 from skpatch.metrics import image_auroc, image_auroc_scorer
 
+from _common import expected_failed_checks
+
 
 def embeddings(n=40, c=6, h=3, w=4, seed=0, dtype=np.float32):
     rng = np.random.RandomState(seed)
@@ -48,15 +50,6 @@ def _geometric_median(points, iters=5000):
     return z
 
 
-def _expected_failed_checks(estimator):
-    if estimator.calibration == "in-sample":
-        return {}
-    # offset_ is the contamination quantile of leave-one-out training scores,
-    # so predict on the training set itself flags fewer than contamination.
-    reason = "offset_ from leave-one-out scores, not in-sample ones"
-    return {"check_outliers_train": reason, "check_outliers_fit_predict": reason}
-
-
 @parametrize_with_checks(
     [
         RobustPaDiMDetector(map_size=8),
@@ -65,7 +58,7 @@ def _expected_failed_checks(estimator):
             n_features=1, n_neighbors=3, tau=0.9, random_state=0, calibration="in-sample"
         ),
     ],
-    expected_failed_checks=_expected_failed_checks,
+    expected_failed_checks=expected_failed_checks,
 )
 def test_sklearn_compatible_on_2d_input(estimator, check):
     with warnings.catch_warnings():

@@ -1,0 +1,12 @@
+"""Helpers shared by several test modules (importable: setup.cfg puts tests/ on the path)."""
+
+
+def expected_failed_checks(estimator):
+    """scikit-learn common checks a Gaussian detector is expected to fail, with the reason."""
+    if estimator.calibration == "in-sample":
+        return {}
+    # offset_ is the contamination quantile of leave-one-out training scores,
+    # so predict on the training set itself flags fewer than contamination
+    # (by design; see the calibration docstring).
+    reason = "offset_ from leave-one-out scores, not in-sample ones"
+    return {"check_outliers_train": reason, "check_outliers_fit_predict": reason}
