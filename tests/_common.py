@@ -10,3 +10,11 @@ def expected_failed_checks(estimator):
     # (by design; see the calibration docstring).
     reason = "offset_ from leave-one-out scores, not in-sample ones"
     return {"check_outliers_train": reason, "check_outliers_fit_predict": reason}
+
+
+# Parameters that make each detector fast on tiny test data (tests that
+# cover every detector, e.g. persistence and bad input, iterate over this).
+FAST_PARAMS = {
+    "PaDiMDetector": {"random_state": 0},
+    "RobustPaDiMDetector": {"random_state": 0},
+}
