@@ -99,12 +99,21 @@ def precision_cholesky(covariance):
 
 
 def _precision_cholesky(covariance):
+    if not bool(torch.isfinite(covariance).all()):
+        # Squares of embeddings beyond ~1e19 overflow float32 (1e154 for float64).
+        raise ValueError(
+            f"the covariances overflow {str(covariance.dtype).replace('torch.', '')} "
+            "(infinite or NaN entries): the embeddings are too large; rescale them, or "
+            "cast them to float64."
+        )
     chol, info = torch.linalg.cholesky_ex(covariance)
     if bool((info > 0).any()):
         bad = int((info > 0).nonzero()[0, 0])
+        largest = float(covariance[bad].diagonal().max())
         raise ValueError(
-            f"the covariance at patch position {bad} is not positive definite; "
-            "increase epsilon (the ridge added to every covariance)."
+            f"the covariance at patch position {bad} is not positive definite (its largest "
+            f"variance is {largest:.3g}): increase epsilon, the ridge added to every "
+            "covariance, or rescale the embeddings."
         )
     eye = torch.eye(covariance.shape[-1], dtype=covariance.dtype, device=covariance.device)
     inv_chol = torch.linalg.solve_triangular(chol, eye.expand_as(chol), upper=False)

@@ -35,10 +35,12 @@ def check_images(X):
                 f"X of shape {X.shape} looks like a single RGB image; pass X[None] for a "
                 "batch of one image, or an array (n, H, W) of grayscale images."
             )
-        if X.ndim == 4 and X.shape[-1] != 3:
+        # (n, H, W, 1) is grayscale; (n, H, W, 4) is RGBA, whose alpha is
+        # dropped as PIL's convert("RGB") drops it for files.
+        if X.ndim == 4 and X.shape[-1] not in (1, 3, 4):
             hint = (
                 " It looks channels-first: use X.transpose(0, 2, 3, 1)."
-                if X.shape[1] == 3
+                if X.shape[1] in (1, 3, 4)
                 else ""
             )
             raise ValueError(
@@ -52,6 +54,8 @@ def check_images(X):
             )
         if X.shape[0] == 0:
             raise ValueError("X holds no image (n = 0).")
+        if 0 in X.shape[1:3]:
+            raise ValueError(f"X of shape {X.shape} holds empty images (height or width 0).")
         _check_values(X[: min(len(X), 4096)] if X.dtype.kind == "f" else X[:0])
         return X, X.shape[0]
     raise TypeError(
@@ -96,10 +100,33 @@ def _to_float_chw(array):
         array = array[:, :, None]
     if array.ndim != 3 or array.shape[2] not in (1, 3, 4):
         raise ValueError(f"an image of shape {array.shape} is neither (H, W) nor (H, W, 3).")
+    if 0 in array.shape[:2]:
+        raise ValueError(f"an image of shape {array.shape} is empty (height or width 0).")
     array = array[:, :, :3]
     tensor = _tensor(array).permute(2, 0, 1)
     tensor = tensor.float().div_(255.0) if array.dtype == np.uint8 else tensor.float()
     return tensor.expand(3, -1, -1) if tensor.shape[0] == 1 else tensor
+
+
+def _pil_array(image):
+    """A PIL image -> uint8 RGB array, or float array in [0, 1] for 16-bit modes.
+
+    PIL's ``convert("RGB")`` clips 16-bit values at 255 instead of scaling
+    them (a 16-bit PNG would come out almost white), so 16-bit and 32-bit
+    integer images are divided by 65535 and float ("F") images are taken
+    as they are (they must be in [0, 1]).
+    """
+    if image.mode.startswith("I;16") or image.mode == "I":
+        array = np.asarray(image).astype(np.float32)
+        if array.size and (array.min() < 0 or array.max() > 65535):
+            raise ValueError(
+                f"a {image.mode} image with values in [{array.min():g}, {array.max():g}]: "
+                "integer images must be 8-bit or 16-bit (0 to 65535)."
+            )
+        return array / 65535.0
+    if image.mode == "F":
+        return np.asarray(image, dtype=np.float32)
+    return np.asarray(image.convert("RGB"))
 
 
 def _decode(item):
@@ -109,11 +136,16 @@ def _decode(item):
 
         try:
             with Image.open(item) as image:
-                item = np.asarray(image.convert("RGB"))
+                return _to_float_chw(_pil_array(image))
         except (OSError, ValueError) as exc:
             raise ValueError(f"could not read image file {os.fspath(item)!r}: {exc}") from exc
     elif hasattr(item, "convert") and hasattr(item, "size"):  # a PIL image
-        item = np.asarray(item.convert("RGB"))
+        item = _pil_array(item)
+    elif not isinstance(item, (np.ndarray, list, tuple)) and not hasattr(item, "__array__"):
+        raise TypeError(
+            f"an item of X of type {type(item).__name__} is not an image: a sequence X "
+            "must hold file paths, PIL images or arrays (H, W[, 3])."
+        )
     return _to_float_chw(np.asarray(item))
 
 
@@ -159,6 +191,8 @@ def load_batch(X, batch, image_size, crop_size, mean, std, device):
     if isinstance(X, np.ndarray):
         chunk = X[batch]
         _check_values(chunk)
+        if chunk.ndim == 4 and chunk.shape[-1] == 4:
+            chunk = chunk[..., :3]  # RGBA: drop alpha (a strided view, copied by _tensor)
         tensor = _tensor(chunk)
         if chunk.ndim == 3:
             tensor = tensor.unsqueeze(-1)

@@ -4,6 +4,7 @@ Kept free of estimator code so that every kernel module can import it.
 """
 
 import contextlib
+import warnings
 
 import numpy as np
 import torch
@@ -25,6 +26,34 @@ def resolve_device(device):
             "machine; use device='auto' or device='cpu'."
         )
     return device
+
+
+def cpu_fallback_state(state, owner):
+    """Unpickled ``state`` with ``device`` set to ``"cpu"`` when it names an absent CUDA.
+
+    An estimator fitted with ``device="cuda"`` holds NumPy state only, so it
+    can score on any machine; what would fail is its ``device`` parameter,
+    which :func:`resolve_device` refuses when CUDA is missing. Loading it on
+    a CPU-only machine therefore switches the parameter to ``"cpu"`` with a
+    warning, as skorch does with its ``map_location`` fallback.
+    """
+    device = state.get("device")
+    if not isinstance(device, (str, torch.device)) or device == "auto":
+        return state
+    try:
+        device_type = torch.device(device).type
+    except (RuntimeError, ValueError):
+        return state  # an invalid value: parameter validation reports it later
+    if device_type == "cuda" and not torch.cuda.is_available():
+        warnings.warn(
+            f"{owner} was saved with device={str(device)!r} but CUDA is not available on "
+            "this machine; it is loaded with device='cpu' (its fitted state is NumPy, so "
+            "scores are the same up to float rounding).",
+            UserWarning,
+            stacklevel=3,
+        )
+        state = {**state, "device": "cpu"}
+    return state
 
 
 def as_tensor(array, device, dtype=None):
@@ -58,3 +87,40 @@ def single_threaded():
 def to_numpy(tensor):
     """Tensor (any device) -> NumPy array on the CPU."""
     return tensor.detach().cpu().numpy()
+
+
+# torch >= 2.5 names it torch.OutOfMemoryError; torch.cuda.OutOfMemoryError is the same class.
+_OUT_OF_MEMORY = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
+# What torch's CPU allocator says (Linux / Windows) when an allocation fails.
+_CPU_OUT_OF_MEMORY = ("can't allocate memory", "not enough memory")
+
+
+def _is_out_of_memory(exc):
+    if isinstance(exc, (_OUT_OF_MEMORY, MemoryError)):
+        return True
+    return isinstance(exc, RuntimeError) and any(m in str(exc) for m in _CPU_OUT_OF_MEMORY)
+
+
+@contextlib.contextmanager
+def oom_advice(what, advice):
+    """Re-raise an out-of-memory error of the block with advice on using less memory.
+
+    A CUDA ``torch.OutOfMemoryError``, torch's CPU allocator failure (a
+    ``RuntimeError``) or NumPy's ``MemoryError`` raised inside the block is
+    raised again as the same type, with the original message followed by
+    ``"<what> ran out of memory. <advice>"`` and the original traceback, so
+    that code catching the error still catches it and the user reads what to
+    change instead of an allocator message. Nested blocks add advice once
+    (the innermost, most specific one).
+    """
+    try:
+        yield
+    except (RuntimeError, MemoryError) as exc:
+        if getattr(exc, "_skpatch_advised", False) or not _is_out_of_memory(exc):
+            raise
+        try:
+            advised = type(exc)(f"{exc}\n\n{what} ran out of memory. {advice}")
+            advised._skpatch_advised = True
+        except Exception:  # an exception type we cannot rebuild: keep the original
+            raise exc from None
+        raise advised.with_traceback(exc.__traceback__) from None

@@ -16,6 +16,7 @@ are boolean ``(n, H, W)`` arrays.
 """
 
 import numbers
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -117,13 +118,36 @@ def _list_images(folder, what):
     return paths
 
 
+# What PIL raises for a corrupt, truncated or non-image file (some plugins raise SyntaxError).
+_READ_ERRORS = (OSError, ValueError, SyntaxError)
+
+
+def _read_error(path, exc):
+    return ValueError(f"could not read image file {path}: {exc}")
+
+
 def _image_sizes(paths):
     """(width, height) of each file, read from the headers only."""
     sizes = []
     for path in paths:
-        with Image.open(path) as im:
-            sizes.append(im.size)
+        try:
+            with Image.open(path) as im:
+                sizes.append(im.size)
+        except _READ_ERRORS as exc:
+            raise _read_error(path, exc) from exc
     return sizes
+
+
+def _unreadable(paths):
+    """``(path, error)`` of the files that do not decode completely."""
+    bad = []
+    for path in paths:
+        try:
+            with Image.open(path) as im:
+                im.load()
+        except _READ_ERRORS as exc:
+            bad.append((path, exc))
+    return bad
 
 
 def _to_rgb(im):
@@ -131,6 +155,12 @@ def _to_rgb(im):
         # 16-bit grayscale: PIL's convert("RGB") would clip instead of scale.
         a = np.asarray(im, dtype=np.float64) / 257.0
         im = Image.fromarray(np.clip(np.rint(a), 0, 255).astype(np.uint8))
+    elif im.mode == "F":
+        # Float images (TIFF) in [0, 1]; convert("RGB") would clip them to 0 / 1.
+        a = np.asarray(im, dtype=np.float64)
+        if not (np.isfinite(a).all() and a.min() >= 0 and a.max() <= 1):
+            raise ValueError("a float image must have values in [0, 1]")
+        im = Image.fromarray(np.rint(a * 255).astype(np.uint8))
     return im.convert("RGB")
 
 
@@ -157,23 +187,30 @@ def _read_images(paths, image_size, what):
         width = height = image_size
     out = np.empty((len(paths), height, width, 3), dtype=np.uint8)
     for i, path in enumerate(paths):
-        with Image.open(path) as im:
-            im = _to_rgb(im)
-            if im.size != (width, height):
-                im = im.resize((width, height), Image.Resampling.BICUBIC)
-            out[i] = np.asarray(im)
+        try:
+            with Image.open(path) as im:
+                im = _to_rgb(im)
+                if im.size != (width, height):
+                    im = im.resize((width, height), Image.Resampling.BICUBIC)
+                out[i] = np.asarray(im)
+        except _READ_ERRORS as exc:
+            raise _read_error(path, exc) from exc
     return out, sizes
 
 
 def _read_mask(path, image_path, image_wh, out_hw):
     """Boolean mask of one file, checked against its image's size."""
-    with Image.open(path) as im:
-        if im.size != tuple(image_wh):
-            raise ValueError(
-                f"mask {path} is {im.size[0]}x{im.size[1]} but its image "
-                f"{image_path} is {image_wh[0]}x{image_wh[1]}"
-            )
-        a = np.asarray(im.convert("L"))
+    try:
+        with Image.open(path) as im:
+            size = im.size
+            a = np.asarray(im.convert("L"))
+    except _READ_ERRORS as exc:
+        raise _read_error(path, exc) from exc
+    if size != tuple(image_wh):
+        raise ValueError(
+            f"mask {path} is {size[0]}x{size[1]} but its image "
+            f"{image_path} is {image_wh[0]}x{image_wh[1]}"
+        )
     # 0/255 and 0/1 masks alike; robust to JPEG noise around 0 and 255.
     mask = a > (int(a.max()) // 2)
     if mask.shape != tuple(out_hw):
@@ -183,12 +220,13 @@ def _read_mask(path, image_path, image_wh, out_hw):
     return mask
 
 
-def _match_masks(image_paths, mask_dir, mask_suffix, what):
+def _match_masks(image_paths, mask_dir, mask_suffix, what, skipped=()):
     """Mask file of each image: same stem plus ``mask_suffix``, any image extension.
 
     Raises when an image has no mask, when a mask has no image, or when a
-    stem is ambiguous.
+    stem is ambiguous. Masks of the ``skipped`` (unreadable) images are ignored.
     """
+    skipped_stems = {Path(p).stem for p in skipped}
     mask_dir = Path(mask_dir)
     if not mask_dir.is_dir():
         raise FileNotFoundError(f"mask folder for the {what} images not found: {mask_dir}")
@@ -212,7 +250,8 @@ def _match_masks(image_paths, mask_dir, mask_suffix, what):
         stem = path.stem
         key = stem[: len(stem) - len(mask_suffix)] if stem.endswith(mask_suffix) else None
         if key not in by_stem:
-            orphans.append(path)
+            if key not in skipped_stems:
+                orphans.append(path)
             continue
         if key in masks:
             raise ValueError(
@@ -389,7 +428,13 @@ def load_mvtec(root, category, *, image_size=None):
 
 
 def load_image_folder(
-    normal_dir, anomalous_dir=None, mask_dir=None, *, image_size=None, mask_suffix="_mask"
+    normal_dir,
+    anomalous_dir=None,
+    mask_dir=None,
+    *,
+    image_size=None,
+    mask_suffix="_mask",
+    on_error="raise",
 ):
     """Load images from a folder of normal and a folder of anomalous images.
 
@@ -414,6 +459,12 @@ def load_image_folder(
         ``image_size x image_size``. If None, all images must have the same size.
     mask_suffix : str, default="_mask"
         Appended to an image's stem to name its mask.
+    on_error : {"raise", "skip"}, default="raise"
+        What to do with an image or mask file that cannot be read (corrupt,
+        truncated, not an image despite its extension): ``"raise"`` raises a
+        ``ValueError`` naming the file; ``"skip"`` leaves the file out (an
+        anomalous image with an unreadable mask too) and warns with the list
+        of skipped files. ``"skip"`` decodes every file twice.
 
     Returns
     -------
@@ -437,7 +488,8 @@ def load_image_folder(
     ValueError
         For a mask without image, ambiguous masks, a mask whose size differs
         from its image's, images of different sizes when ``image_size`` is
-        None, or ``mask_dir`` without ``anomalous_dir``.
+        None, ``mask_dir`` without ``anomalous_dir``, or an unreadable file
+        when ``on_error="raise"`` (the message names the file).
 
     See Also
     --------
@@ -446,15 +498,42 @@ def load_image_folder(
     image_size = _check_image_size(image_size)
     if not isinstance(mask_suffix, str):
         raise ValueError(f"mask_suffix must be a str, got {mask_suffix!r}")
+    if on_error not in ("raise", "skip"):
+        raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
     if mask_dir is not None and anomalous_dir is None:
         raise ValueError(
             "mask_dir was given without anomalous_dir: masks belong to anomalous images"
         )
     normal = _list_images(normal_dir, "normal")
     anomalous = [] if anomalous_dir is None else _list_images(anomalous_dir, "anomalous")
+    skipped = []
+    if on_error == "skip":
+        skipped = _unreadable(normal + anomalous)
+        bad = {path for path, _ in skipped}
+        normal = [p for p in normal if p not in bad]
+        anomalous = [p for p in anomalous if p not in bad]
     mask_paths = None
     if mask_dir is not None:
-        mask_paths = _match_masks(anomalous, mask_dir, mask_suffix, "anomalous")
+        mask_paths = _match_masks(
+            anomalous, mask_dir, mask_suffix, "anomalous", skipped=[p for p, _ in skipped]
+        )
+        if on_error == "skip":
+            bad_masks = _unreadable(mask_paths)
+            bad = {path for path, _ in bad_masks}
+            skipped += bad_masks
+            kept = [i for i, m in enumerate(mask_paths) if m not in bad]
+            anomalous = [anomalous[i] for i in kept]
+            mask_paths = [mask_paths[i] for i in kept]
+    if skipped:
+        listing = "; ".join(f"{path} ({exc})" for path, exc in skipped[:5])
+        more = f"; and {len(skipped) - 5} more" if len(skipped) > 5 else ""
+        warnings.warn(
+            f"skipped {len(skipped)} unreadable file(s) (on_error='skip'): {listing}{more}",
+            UserWarning,
+            stacklevel=2,
+        )
+    if not normal:
+        raise ValueError(f"no readable image in the normal folder {normal_dir}")
     paths = normal + anomalous
     images, sizes = _read_images(paths, image_size, "normal and anomalous")
     labels = np.r_[np.zeros(len(normal), np.int64), np.ones(len(anomalous), np.int64)]
@@ -1003,11 +1082,94 @@ def _defect_intensity(img, rng):
     return sl, _shift(region, alpha, rng.uniform(0.15, 0.4), darken)
 
 
+def _defect_cutpaste_scar(img, rng):
+    """CutPaste (scar): a thin rotated strip of the same image pasted elsewhere.
+
+    CutPaste's "scar" variant: 2 to 16 pixels wide and 10 to 25 long on a
+    256-pixel image (here 1 % to 6 % and 4 % to 10 % of the side), rotated by
+    up to 45 degrees, with the same colour jitter.
+    """
+    H, W, C = img.shape
+    s = min(H, W)
+    hw = max(rng.uniform(0.01, 0.06) * s, 1.0) / 2  # half width
+    hl = max(rng.uniform(0.04, 0.10) * s, 3.0) / 2  # half length
+    angle = rng.uniform(-np.pi / 4, np.pi / 4) + (np.pi / 2 if rng.uniform() < 0.5 else 0.0)
+    reach = np.hypot(hw, hl) + 1
+
+    def centre():
+        my, mx = min(reach, H / 2), min(reach, W / 2)
+        return rng.uniform([my, mx], [H - my, W - mx])
+
+    ty, tx = centre()
+    for _ in range(10):  # source away from the target
+        sy, sx = centre()
+        if np.hypot(sy - ty, sx - tx) >= hl:
+            break
+    frame = _local_frame(ty, tx, reach, (H, W), angle)
+    if frame is None:
+        return None
+    sl, u, v = frame
+    alpha = np.clip(hl + 0.5 - np.abs(u), 0.0, 1.0) * np.clip(hw + 0.5 - np.abs(v), 0.0, 1.0)
+    coords = np.stack([sy + u, sx + v])
+    patch = np.stack(
+        [ndimage.map_coordinates(img[..., c], coords, order=1, mode="reflect") for c in range(C)],
+        axis=-1,
+    )
+    contrast = rng.uniform(0.8, 1.2)
+    brightness = rng.uniform(-0.15, 0.15, size=C if rng.uniform() < 0.5 else 1)
+    mean = patch.mean()
+    patch = np.clip((patch - mean) * contrast + mean + brightness, 0.0, 1.0)
+    a = alpha[..., None]
+    return sl, a * patch + (1.0 - a) * img[sl]
+
+
+def _defect_draem(img, rng):
+    """DRAEM-like: a noise-shaped region blended with an augmented anomaly source.
+
+    The mask is a thresholded smooth random field (value noise at 2 to 16
+    cells per side, rotated; DRAEM thresholds Perlin noise), covering 1 % to
+    8 % of the image in one or several blobs. The anomaly source, a texture
+    data set in DRAEM, is the image itself rotated or flipped, shifted, and
+    with its contrast, gamma or polarity changed (no texture data offline);
+    it is blended in with an opacity ``1 - β``, ``β`` in [0, 0.8] as DRAEM.
+    """
+    H, W, C = img.shape
+    cells = 2 ** rng.randint(1, 5, size=2)
+    coarse = rng.standard_normal((int(cells[0]) + 3, int(cells[1]) + 3))
+    field = ndimage.zoom(coarse, (H / cells[0], W / cells[1]), order=3, mode="reflect")
+    field = field[: H + 3 * H // int(cells[0]), : W + 3 * W // int(cells[1])]
+    field = ndimage.rotate(field, rng.uniform(0, 360), reshape=False, order=1, mode="reflect")
+    field = field[:H, :W]
+    if field.shape != (H, W):
+        return None
+    area = rng.uniform(0.01, 0.08)
+    threshold = np.quantile(field, 1.0 - area)
+    spread = max(float(field.std()), 1e-12) * 0.05
+    alpha = np.clip((field - threshold) / spread, 0.0, 1.0)
+    # Anomaly source: the image transformed (rotation or flips, shift, tone).
+    source = np.rot90(img, rng.randint(1, 4)) if H == W else img[::-1, ::-1]
+    if rng.uniform() < 0.5:
+        source = source[:, ::-1]
+    source = np.roll(source, (rng.randint(H), rng.randint(W)), axis=(0, 1))
+    choice = rng.randint(3)
+    if choice == 0:
+        source = np.clip((source - 0.5) * rng.uniform(1.5, 3.0) + 0.5, 0.0, 1.0)
+    elif choice == 1:
+        source = source ** rng.uniform(0.3, 3.0)
+    else:
+        source = 1.0 - source
+    beta = rng.uniform(0.0, 0.8)
+    a = (alpha * (1.0 - beta))[..., None]
+    return (slice(0, H), slice(0, W)), a * source + (1.0 - a) * img
+
+
 _DEFECTS = {
     "scratch": _defect_scratch,
     "blob": _defect_blob,
     "cutpaste": _defect_cutpaste,
     "intensity": _defect_intensity,
+    "cutpaste_scar": _defect_cutpaste_scar,
+    "draem": _defect_draem,
 }
 
 
@@ -1019,10 +1181,10 @@ def _check_kinds(kinds):
     except TypeError:
         raise ValueError(f"kinds must be a sequence of defect names, got {kinds!r}") from None
     if not kinds:
-        raise ValueError(f"kinds must name at least one of {DEFECT_KINDS}")
+        raise ValueError(f"kinds must name at least one of {tuple(_DEFECTS)}")
     for kind in kinds:
         if kind not in _DEFECTS:
-            raise ValueError(f"unknown defect kind {kind!r}; choose from {DEFECT_KINDS}")
+            raise ValueError(f"unknown defect kind {kind!r}; choose from {tuple(_DEFECTS)}")
     return kinds
 
 
@@ -1069,6 +1231,19 @@ def make_synthetic_defects(
     ``'intensity'``
         A large soft region (semi-axes 8 % to 25 % of the side) brightened,
         darkened or with its contrast raised or lowered.
+    ``'cutpaste_scar'``
+        CutPaste's "scar": a thin strip (1 % to 6 % of the side wide, 4 % to
+        10 % long) copied from elsewhere in the image, rotated, with a colour
+        jitter. Not drawn by default.
+    ``'draem'``
+        DRAEM-like: a region shaped by thresholded smooth noise (1 % to 8 %
+        of the image, one or several blobs) where a transformed copy of the
+        image (rotated or flipped, shifted, contrast, gamma or polarity
+        changed; DRAEM uses a texture data set) is blended in with an
+        opacity of 0.2 to 1. Not drawn by default.
+
+    ``'cutpaste'``, ``'cutpaste_scar'`` and ``'draem'`` are the defects that
+    PNI's refinement network trains on (:class:`skpatch.AnomalyMapRefiner`).
 
     Sizes are relative to the image, so the same call works from 32 x 32 to
     1024 x 1024 images.
@@ -1078,7 +1253,8 @@ def make_synthetic_defects(
     images : array-like of shape (n, H, W) or (n, H, W, C) with C in {1, 3}
         Normal images, ``uint8`` or float in [0, 1].
     kinds : str or sequence of str, default=("scratch", "blob", "cutpaste", "intensity")
-        Kinds of defects to draw from; repeat a name to draw it more often.
+        Kinds of defects to draw from (the four default ones,
+        ``"cutpaste_scar"`` and ``"draem"``); repeat a name to draw it more often.
     n_defects : int, default=1
         Number of defects per image.
     random_state : int, RandomState instance or None, default=None

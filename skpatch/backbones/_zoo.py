@@ -69,7 +69,7 @@ def _load_torchvision_weights(module, weights_enum):
     """Load torchvision's ImageNet weights: from its cache, else by download."""
     weights = weights_enum.IMAGENET1K_V1
     try:
-        state_dict = weights.get_state_dict(progress=False, check_hash=True)
+        state_dict = weights.get_state_dict(progress=False, check_hash=True, weights_only=True)
     except Exception as exc:  # URLError, timeout, hash mismatch, ...
         filename = weights.url.rsplit("/", 1)[-1]
         cache = torch.hub.get_dir()

@@ -11,6 +11,9 @@ is then the patch score and every detector is an ordinary tabular outlier
 detector, which scikit-learn's common checks exercise.
 """
 
+import functools
+import math
+import warnings
 from abc import abstractmethod
 from numbers import Integral, Real
 
@@ -24,7 +27,25 @@ from sklearn.utils.validation import check_array, check_is_fitted, validate_data
 
 from .. import _gaussian
 from .._maps import map_size_tuple, postprocess
-from .._torch_utils import as_tensor, resolve_device, to_numpy
+from .._torch_utils import as_tensor, cpu_fallback_state, oom_advice, resolve_device, to_numpy
+from ..exceptions import DegenerateTrainingSetWarning
+
+
+# Public methods whose out-of-memory errors get advice (see __init_subclass__).
+_OOM_METHODS = (
+    "fit", "partial_fit", "score_samples", "decision_function", "predict", "anomaly_map"
+)
+
+
+def _with_oom_advice(method):
+    """Wrap a detector method so that running out of memory says what to change."""
+
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        with oom_advice(f"{type(self).__name__}.{method.__name__}", self._oom_advice):
+            return method(self, *args, **kwargs)
+
+    return wrapper
 
 
 class BasePatchDetector(OutlierMixin, BaseEstimator):
@@ -33,7 +54,23 @@ class BasePatchDetector(OutlierMixin, BaseEstimator):
     Subclasses implement ``fit`` and ``_patch_scores(x)`` and may override
     ``_image_scores`` when their paper defines another image score than the
     maximum of the map, and ``_bytes_per_image`` to size the scoring chunks.
+
+    The public methods of every subclass (``fit``, ``partial_fit``,
+    ``score_samples``, ``anomaly_map``, ...) are wrapped on class creation so
+    that a CUDA (or CPU) out-of-memory error is re-raised, same type, with
+    advice (``_oom_advice``, which a subclass may extend) instead of only the
+    allocator's message, as scikit-learn wraps ``transform`` for
+    ``set_output``.
     """
+
+    _oom_advice = (
+        "To use less memory: lower scikit-learn's working_memory (e.g. "
+        "sklearn.set_config(working_memory=256), in MiB), which bounds the images "
+        "processed at once; keep fewer embedding channels (n_features, or fewer "
+        "PatchEmbedder layers) or a coarser patch grid (a smaller PatchEmbedder "
+        "image_size / crop_size); pass fewer images per call (and a smaller "
+        "PatchEmbedder batch_size); or use device='cpu'."
+    )
 
     _parameter_constraints = {
         "map_size": [Interval(Integral, 1, None, closed="left"), tuple, list, None],
@@ -41,6 +78,16 @@ class BasePatchDetector(OutlierMixin, BaseEstimator):
         "contamination": [Interval(Real, 0, 0.5, closed="right")],
         "device": [str],
     }
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        for name in _OOM_METHODS:
+            if name in cls.__dict__:
+                setattr(cls, name, _with_oom_advice(cls.__dict__[name]))
+
+    def __setstate__(self, state):
+        # A detector saved with device="cuda" loads on a CPU-only machine.
+        super().__setstate__(cpu_fallback_state(state, type(self).__name__))
 
     # ------------------------------------------------------------------ input
     def _validate_embeddings(self, X, *, reset):
@@ -56,7 +103,20 @@ class BasePatchDetector(OutlierMixin, BaseEstimator):
             X = validate_data(self, X, reset=reset, dtype=dtype)
             X = X[:, :, None, None]
         elif ndim == 4:
+            in_dtype = X.dtype if hasattr(X, "dtype") else np.asarray(X).dtype
+            if in_dtype.kind in "biu":
+                # Embeddings are floats; 4-D integers are images (n, H, W, 3).
+                raise ValueError(
+                    f"X has shape {np.shape(X)} and dtype {in_dtype}: this looks "
+                    "like images, not patch embeddings. Embed images first, e.g. "
+                    f"make_pipeline(PatchEmbedder(), {type(self).__name__}())."
+                )
             X = check_array(X, allow_nd=True, dtype=dtype, estimator=self)
+            if 0 in X.shape[1:]:
+                raise ValueError(
+                    f"X has shape {X.shape}: patch embeddings (n, C, h, w) need at least one "
+                    "channel and a non-empty grid."
+                )
             if reset:
                 self.n_features_in_ = X.shape[1]
             elif X.shape[1] != self.n_features_in_:
@@ -133,13 +193,39 @@ class BasePatchDetector(OutlierMixin, BaseEstimator):
                 scores[batch] = to_numpy(self._image_scores(x, patch_scores))
         return scores
 
+    def _check_not_nan(self, scores, X):
+        """Raise instead of returning NaN scores, which ``predict`` would call normal.
+
+        NaN comes from overflow (finite input is checked), e.g. float32
+        embeddings near 1e19 and beyond, whose squares are infinite.
+        """
+        nan = np.isnan(scores.reshape(len(scores), -1)).any(axis=1)
+        if nan.any():
+            largest = float(np.abs(X[nan]).max())
+            raise ValueError(
+                f"{type(self).__name__} computed NaN anomaly scores for {int(nan.sum())} "
+                f"image(s) (the first is X[{int(np.flatnonzero(nan)[0])}]): their embeddings "
+                f"(largest |value| {largest:.3g}) overflow {X.dtype} arithmetic. Check the "
+                "embeddings, or cast them to float64."
+            )
+
     def _set_offset(self, anomaly_scores):
         """``offset_``: the ``contamination`` quantile of the training ``score_samples``."""
-        self.offset_ = float(np.percentile(-anomaly_scores, 100.0 * self.contamination))
+        with np.errstate(invalid="ignore"):  # inf - inf: reported below
+            offset = float(np.percentile(-anomaly_scores, 100.0 * self.contamination))
+        if np.isnan(offset) or np.isnan(anomaly_scores).any():
+            # A NaN threshold would make predict call every image normal.
+            raise ValueError(
+                f"{type(self).__name__} computed NaN (or too many infinite) anomaly scores "
+                "for training images: the embeddings overflow their dtype's arithmetic. "
+                "Check the embeddings, or cast them to float64."
+            )
+        self.offset_ = offset
 
     def _check_scorable(self):
         check_is_fitted(self)
 
+    @_with_oom_advice
     def anomaly_map(self, X):
         """Anomaly maps: patch scores upsampled to ``map_size`` and blurred.
 
@@ -164,8 +250,10 @@ class BasePatchDetector(OutlierMixin, BaseEstimator):
                 if out is None:
                     out = np.empty((len(X), *maps.shape[1:]), dtype=maps.dtype)
                 out[batch] = maps
+        self._check_not_nan(out, X)
         return out
 
+    @_with_oom_advice
     def score_samples(self, X):
         """Opposite of the image anomaly score: higher means more normal.
 
@@ -182,8 +270,11 @@ class BasePatchDetector(OutlierMixin, BaseEstimator):
         """
         self._check_scorable()
         X = self._validate_embeddings(X, reset=False)
-        return -self._anomaly_scores(X)
+        scores = self._anomaly_scores(X)
+        self._check_not_nan(scores, X)
+        return -scores
 
+    @_with_oom_advice
     def decision_function(self, X):
         """``score_samples(X) - offset_``: negative for outliers.
 
@@ -199,6 +290,7 @@ class BasePatchDetector(OutlierMixin, BaseEstimator):
         """
         return self.score_samples(X) - self.offset_
 
+    @_with_oom_advice
     def predict(self, X):
         """Label images: +1 normal, -1 anomalous.
 
@@ -244,15 +336,17 @@ class BaseGaussianDetector(BasePatchDetector):
         rng = check_random_state(self.random_state)
         return np.sort(rng.choice(n_channels, self.n_features, replace=False))
 
-    def _positions(self, x):
+    def _positions(self, x, selected=False):
         """Embeddings ``(b, C, h, w)`` -> selected channels as ``(P, b, d)``.
 
         The result is a transposed view of a ``(b, P, d)`` array: batched
         matrix products take it without a copy, and building it is one fast
         NCHW -> NHWC copy instead of a transpose to position-major order.
+        ``selected=True``: ``x`` holds the selected channels already.
         """
-        index = torch.as_tensor(self.feature_indices_, device=x.device)
-        selected = x[:, index]
+        if not selected:
+            x = x[:, torch.as_tensor(self.feature_indices_, device=x.device)]
+        selected = x
         n_images, n_selected = selected.shape[:2]
         nhwc = selected.permute(0, 2, 3, 1).contiguous()
         return nhwc.view(n_images, -1, n_selected).transpose(0, 1)
@@ -270,19 +364,54 @@ class BaseGaussianDetector(BasePatchDetector):
         counts (RPaDiM keeps a different number of patches at each position).
         """
         count, center, scatter = moments
+        self._warn_degenerate(count, center, scatter)
         covariance = _gaussian.regularized_covariance(scatter, count, self.epsilon)
         return center, _gaussian.precision_cholesky(covariance)
 
-    def _patch_scorer(self, center, prec_chol, leave_one_out=None):
+    def _warn_degenerate(self, count, center, scatter):
+        """Warn when the covariances come from ``epsilon`` rather than the data.
+
+        The sample covariance of ``N`` patches has rank ``N - 1`` at most; when
+        that is below half the dimension ``d``, most directions of every
+        covariance are ``εI`` alone. (Streamed fits warn at every
+        :meth:`partial_fit` while the count is that low.)
+        """
+        name, d = type(self).__name__, scatter.shape[-1]
+        counts = count if torch.is_tensor(count) else torch.tensor(float(count))
+        # "Identical" up to rounding: an iterated center (RPaDiM's median) is
+        # a few ulps off, so the scatter is not exactly 0.
+        spread = 100 * torch.finfo(scatter.dtype).eps * float(center.abs().max())
+        largest_scatter = float(scatter.diagonal(dim1=-2, dim2=-1).max())
+        if math.sqrt(max(largest_scatter, 0.0)) <= math.sqrt(float(counts.max())) * spread:
+            warnings.warn(
+                f"{name} was fitted on identical training embeddings: every covariance is "
+                "epsilon * I, so any test image that differs at all scores as an outlier. "
+                "Fit on images that show the normal variation of the parts.",
+                DegenerateTrainingSetWarning,
+                stacklevel=2,
+            )
+        elif float(counts.min()) - 1 < d / 2:
+            warnings.warn(
+                f"{name} has fewer training samples per position ({float(counts.min()):g}) "
+                f"than half its {d} embedding dimensions: more than half of the directions "
+                "of each covariance are epsilon * I alone, so the scores are dominated by "
+                "regularization. Fit on more images, or keep fewer channels (n_features).",
+                DegenerateTrainingSetWarning,
+                stacklevel=2,
+            )
+
+    def _patch_scorer(self, center, prec_chol, leave_one_out=None, selected=False):
         """Patch scores (eq. 2) under the Gaussians ``(center, prec_chol)``.
 
         ``leave_one_out=N`` scores training images of the ``N`` that fitted
         the model as if each had been left out (see
-        :func:`skpatch._gaussian.leave_one_out_sq`).
+        :func:`skpatch._gaussian.leave_one_out_sq`). ``selected=True`` scores
+        embeddings that hold the selected channels only.
         """
 
         def patch_scores(x):
-            distances = _gaussian.mahalanobis(self._positions(x.to(center.dtype)), center, prec_chol)
+            positions = self._positions(x.to(center.dtype), selected)
+            distances = _gaussian.mahalanobis(positions, center, prec_chol)
             if leave_one_out is not None:
                 distances = _gaussian.leave_one_out_sq(distances.square(), leave_one_out).sqrt()
             return distances.T.reshape(len(x), *self.grid_shape_)
