@@ -1,0 +1,436 @@
+"""PatchCore: a coreset memory bank of training patches (Roth et al., 2022)."""
+
+import math
+from numbers import Integral, Real
+
+import numpy as np
+import torch
+from sklearn.base import _fit_context
+from sklearn.pipeline import make_pipeline
+from sklearn.utils import check_random_state, gen_batches
+from sklearn.utils._chunking import get_chunk_n_rows
+from sklearn.utils._param_validation import Interval, StrOptions
+
+from .. import _memory_bank, _robust
+from .._embedder import PatchEmbedder
+from .._torch_utils import as_tensor, resolve_device, to_numpy
+from ..backbones import get_backbone
+from ._base import BasePatchDetector
+
+
+def _patches(x):
+    """Embeddings ``(b, C, h, w)`` -> patch features ``(b * h * w, C)`` (image-major)."""
+    return x.permute(0, 2, 3, 1).reshape(-1, x.shape[1])
+
+
+class PatchCoreDetector(BasePatchDetector):
+    """PatchCore: nearest-neighbour distance to a coreset of training patches.
+
+    Implements PatchCore (Roth et al., 2022):
+
+    1. **Memory bank** (§3.1): the patch features of the training images
+       (the locally aware features of §3.1 are the embedder's job, see
+       :func:`make_patchcore_pipeline`).
+    2. **Coreset subsampling** (§3.2, Algorithm 1): the greedy k-center
+       coreset of ``coreset_ratio`` of the patches, with distances taken
+       between random projections to ``projection_dim`` dimensions
+       (:func:`skpatch._memory_bank.greedy_coreset`).
+    3. **Scoring** (§3.3): the patch score is the distance of a test patch
+       to its nearest memory item; the map is upsampled and blurred
+       (``sigma = 4``); the image score is the largest patch score ``s*``
+       reweighted by eq. (7), ``s = (1 - exp‖m* - m_test‖ / Σ_{m ∈ N_b(m*)}
+       exp‖m - m_test‖) s*``, where ``m*`` is the memory item nearest to
+       the most anomalous test patch and ``N_b(m*)`` its ``b =
+       n_reweight`` nearest memory items (``m*`` included).
+
+    **Bounded fit memory.** The patches of the training images are first
+    subsampled uniformly at random to at most ``max_patches`` (the store);
+    the coreset is then ``coreset_ratio`` of the store. The fit's working
+    memory is therefore ``max_patches x (C + projection_dim + 3)`` floats
+    plus the input, whatever the number of training images (see Notes).
+
+    **Denoising** (``denoising="lof"``, SoftPatch, Jiang et al., 2022, the
+    noisy-training baseline of RPaDiM): before the store is drawn, the local
+    outlier factor of every training patch among the patches at the same
+    position (``lof_neighbors`` neighbours, :func:`skpatch._robust.local_outlier_factor`)
+    is computed, the patches above the ``tau`` quantile of all factors are
+    dropped, and the factor of each memory item is kept as its soft weight:
+    a test patch's distance to its nearest item is multiplied by that
+    item's factor (items that looked like outliers count less as normal).
+
+    Parameters
+    ----------
+    coreset_ratio : float in (0, 1], default=0.1
+        Fraction of the store kept in the memory bank (the paper's default;
+        it reports 0.01 as nearly as good and ten times cheaper to score);
+        1 keeps the whole store and skips the coreset selection.
+    max_patches : int or None, default=50_000
+        Size of the uniform random sample of the training patches that the
+        coreset is selected from (the fit's memory budget, and with
+        ``coreset_ratio`` the size of the bank: 5,000 items by default, the
+        bank size of the anomalib PatchCore run it is benchmarked against);
+        None uses every training patch (memory and coreset time then grow
+        with the training set: the paper's setting).
+    n_reweight : int, default=9
+        ``b``, the number of memory items in the reweighting of the image
+        score (§3.3, eq. 7); 1 disables the reweighting (the image score is
+        the largest patch score). Clipped to the size of the bank.
+    projection_dim : int or None, default=128
+        Dimension of the random projection in which the coreset's distances
+        are computed (§3.2, ``d* = 128``); None uses the features.
+    denoising : {None, "lof"}, default=None
+        SoftPatch-style patch denoising (see above).
+    tau : float in (0, 1], default=0.85
+        With ``denoising="lof"``: fraction of the training patches kept
+        (SoftPatch and RPaDiM drop the top 15 %).
+    lof_neighbors : int, default=6
+        With ``denoising="lof"``: neighbours of the local outlier factor.
+    sigma : float, default=4
+        Standard deviation, in map pixels, of the Gaussian blur of the anomaly
+        maps; 0 disables it.
+    map_size : int, pair of int or None, default=224
+        Size ``(H, W)`` of the anomaly maps; None keeps the patch grid.
+    contamination : float in (0, 0.5], default=0.1
+        Expected fraction of anomalies: ``offset_`` is this quantile of the
+        training images' ``score_samples``, computed as ``calibration`` says.
+    calibration : {"leave-one-out", "in-sample"}, default="leave-one-out"
+        Which training scores set ``offset_``. A nearest-neighbour model
+        scores the patches it memorised at 0, so in-sample training scores
+        are optimistic and the threshold they set flags far more than
+        ``contamination`` of new normal images. ``"leave-one-out"`` scores
+        each training image against the memory bank without the items taken
+        from that image (see Notes).
+    random_state : int, RandomState instance or None, default=None
+        Seeds the store's subsample, the projection and the coreset's
+        starting point.
+    device : str, default="auto"
+        Torch device for the coreset selection and scoring; "auto" uses CUDA
+        when available. The fitted state is NumPy whatever the device.
+
+    Attributes
+    ----------
+    memory_bank_ : ndarray of shape (n_memory, n_features_in_)
+        The coreset, float32, in pick order (its first ``k`` rows are the
+        greedy coreset of size ``k``).
+    memory_weights_ : ndarray of shape (n_memory,) or None
+        Soft weights (local outlier factors) of the memory items with
+        ``denoising="lof"``, else None.
+    n_patches_seen_ : int
+        Number of training patches (images x positions).
+    n_patches_stored_ : int
+        Size of the store the coreset was selected from.
+    lof_threshold_ : float or None
+        With ``denoising="lof"``: the ``tau`` quantile of the patch factors.
+    offset_ : float
+        Threshold on ``score_samples``; ``decision_function = score_samples - offset_``.
+    grid_shape_ : tuple of int
+        Patch grid ``(h, w)`` seen in fit (``(1, 1)`` for 2-D input).
+    n_features_in_ : int
+        Number of embedding channels ``C`` seen in fit.
+
+    See Also
+    --------
+    make_patchcore_pipeline : The recommended embedder and this detector in a pipeline.
+    SPADEDetector : Nearest training images first, then their patches.
+    PaDiMDetector : A Gaussian per position instead of a memory bank.
+
+    Notes
+    -----
+    **2-D input.** With one patch per sample, the detector is a
+    nearest-neighbour outlier detector: the score of a sample is its
+    distance to the nearest coreset point (no reweighting, which would only
+    rescale the score of a single patch).
+
+    **Leave-one-out calibration.** Every memory item comes from one training
+    image; a training image is scored with its own items excluded from the
+    nearest-item search (the reweighting's neighbourhood ``N_b(m*)`` is
+    taken in the whole bank), which is what a new normal image sees: a bank built without it. Its
+    other patches were covered by items of other images or are at their
+    in-sample distance, which equals the left-out one. The coreset itself
+    is not re-selected (its selection is not re-run per image). An image
+    whose patches all come from itself (a bank drawn from one image only)
+    keeps its in-sample scores. ``"in-sample"`` is scikit-learn's rule.
+
+    **Cost.** For ``S = min(max_patches, N h w)`` stored patches of ``C``
+    channels, ``M = coreset_ratio x S`` memory items and projection ``p``:
+    fit memory ``S (C + p + 3)`` floats (57 MB for the defaults and 152
+    channels), time ``O(S C p)`` for the projection plus ``O(S p M)`` for
+    the greedy selection (one pass over the projected store per pick,
+    memory bound) plus the calibration (a scoring of the training images).
+    Denoising adds the LOF, ``O(h w N² C)`` time and ``N²`` floats per
+    position chunk. Fitted state: ``M x C`` floats. Scoring: ``O(h w M C)``
+    per image, in chunks bounded by scikit-learn's ``working_memory``.
+    There is no ``partial_fit``: the coreset is selected once from the store.
+
+    References
+    ----------
+    .. [1] K. Roth, L. Pemula, J. Zepeda, B. Schölkopf, T. Brox, P. Gehler,
+       "Towards Total Recall in Industrial Anomaly Detection", CVPR, 2022.
+    .. [2] X. Jiang, J. Liu, J. Wang, Q. Nie, K. Wu, Y. Liu, C. Wang, F. Zheng,
+       "SoftPatch: Unsupervised Anomaly Detection with Noisy Data", NeurIPS, 2022.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from skpatch import PatchCoreDetector
+    >>> rng = np.random.RandomState(0)
+    >>> X = rng.normal(size=(30, 8, 4, 4)).astype(np.float32)
+    >>> detector = PatchCoreDetector(map_size=None, random_state=0).fit(X)
+    >>> detector.memory_bank_.shape
+    (48, 8)
+    >>> detector.anomaly_map(X[:2]).shape
+    (2, 4, 4)
+    >>> detector.predict(X[:3] + 10)
+    array([-1, -1, -1])
+    """
+
+    _parameter_constraints = {
+        **BasePatchDetector._parameter_constraints,
+        "coreset_ratio": [Interval(Real, 0, 1, closed="right")],
+        "max_patches": [Interval(Integral, 1, None, closed="left"), None],
+        "n_reweight": [Interval(Integral, 1, None, closed="left")],
+        "projection_dim": [Interval(Integral, 1, None, closed="left"), None],
+        "denoising": [StrOptions({"lof"}), None],
+        "tau": [Interval(Real, 0, 1, closed="right")],
+        "lof_neighbors": [Interval(Integral, 1, None, closed="left")],
+        "calibration": [StrOptions({"leave-one-out", "in-sample"})],
+        "random_state": ["random_state"],
+    }
+
+    def __init__(
+        self,
+        coreset_ratio=0.1,
+        *,
+        max_patches=50_000,
+        n_reweight=9,
+        projection_dim=128,
+        denoising=None,
+        tau=0.85,
+        lof_neighbors=6,
+        sigma=4.0,
+        map_size=224,
+        contamination=0.1,
+        calibration="leave-one-out",
+        random_state=None,
+        device="auto",
+    ):
+        self.coreset_ratio = coreset_ratio
+        self.max_patches = max_patches
+        self.n_reweight = n_reweight
+        self.projection_dim = projection_dim
+        self.denoising = denoising
+        self.tau = tau
+        self.lof_neighbors = lof_neighbors
+        self.sigma = sigma
+        self.map_size = map_size
+        self.contamination = contamination
+        self.calibration = calibration
+        self.random_state = random_state
+        self.device = device
+
+    # ------------------------------------------------------------------ fitting
+    def _denoise(self, X, device):
+        """LOF of every training patch at its position: ``(lof (N, P), keep (N, P))``."""
+        n_images, n_channels = X.shape[:2]
+        flat = as_tensor(np.ascontiguousarray(X).reshape(n_images, n_channels, -1), "cpu")
+        n_positions = flat.shape[2]
+        row_bytes = flat.element_size() * (2 * n_images * n_images + 2 * n_images * n_channels)
+        chunk = get_chunk_n_rows(row_bytes=row_bytes, max_n_rows=n_positions)
+        lof = torch.cat(
+            [
+                _robust.local_outlier_factor(
+                    flat[:, :, positions].to(device).permute(2, 0, 1).contiguous(),
+                    self.lof_neighbors,
+                )
+                for positions in gen_batches(n_positions, chunk)
+            ]
+        ).T  # (N, P)
+        threshold = _robust.quantile_threshold(lof, self.tau)
+        return lof, threshold, lof <= threshold
+
+    def _draw_store(self, X, candidates, rng):
+        """Indices (image * P + position, sorted) of the store: a uniform sample of ``candidates``."""
+        n_store = len(candidates) if self.max_patches is None else min(self.max_patches, len(candidates))
+        if n_store < len(candidates):
+            candidates = np.sort(rng.choice(candidates, n_store, replace=False))
+        return candidates
+
+    @_fit_context(prefer_skip_nested_validation=True)
+    def fit(self, X, y=None):
+        """Build the coreset memory bank from normal images.
+
+        Parameters
+        ----------
+        X : ndarray of shape (n, C, h, w) or (n, d)
+            Patch embeddings of normal training images.
+        y : None
+            Ignored.
+
+        Returns
+        -------
+        self : PatchCoreDetector
+            The fitted detector.
+        """
+        X = self._validate_embeddings(X, reset=True)
+        n_images, n_channels = X.shape[:2]
+        self._check_n_samples(n_images, 2, type(self).__name__)
+        n_positions = X.shape[2] * X.shape[3]
+        rng = check_random_state(self.random_state)
+        device = resolve_device(self.device)
+        with torch.inference_mode():
+            lof = None
+            self.lof_threshold_ = None
+            if self.denoising == "lof":
+                lof, threshold, keep = self._denoise(X, device)
+                self.lof_threshold_ = float(threshold)
+                candidates = np.flatnonzero(to_numpy(keep).ravel())
+            else:
+                candidates = np.arange(n_images * n_positions)
+            store_ids = self._draw_store(X, candidates, rng)
+            images, positions = np.divmod(store_ids, n_positions)
+            # gathered image by image: a view of X, never a copy of all its patches
+            store = np.ascontiguousarray(
+                X.reshape(n_images, n_channels, n_positions)[images, :, positions], dtype=np.float32
+            )
+            n_memory = max(1, math.ceil(self.coreset_ratio * len(store)))
+            if n_memory < len(store):
+                picks = _memory_bank.greedy_coreset(
+                    store,
+                    n_memory,
+                    projection_dim=self.projection_dim,
+                    random_state=rng,
+                    device=device,
+                )
+                picks = to_numpy(picks)
+            else:
+                picks = np.arange(len(store))
+            self.memory_bank_ = store[picks]
+            del store
+            self.memory_weights_ = None
+            if lof is not None:
+                self.memory_weights_ = to_numpy(lof.flatten()[torch.as_tensor(store_ids[picks])]).astype(
+                    np.float32
+                )
+            self.n_patches_seen_ = n_images * n_positions
+            self.n_patches_stored_ = len(store_ids)
+            groups = images[picks] if self.calibration == "leave-one-out" else None
+            train_scores = self._anomaly_scores(X, groups=groups)
+        self._set_offset(train_scores)
+        return self
+
+    # ------------------------------------------------------------------ scoring
+    def _bank(self, device):
+        bank = as_tensor(self.memory_bank_, device)
+        weights = None if self.memory_weights_ is None else as_tensor(self.memory_weights_, device)
+        return bank, weights
+
+    def _score_chunk(self, x, query_groups=None, bank_groups=None):
+        """``(patch scores (b, h, w), image scores (b,))`` of a chunk of embeddings."""
+        bank, weights = self._bank(x.device)
+        patches = _patches(x.to(bank.dtype))
+        if query_groups is not None:
+            query_groups = query_groups.repeat_interleave(x.shape[2] * x.shape[3])
+        dist, idx = _memory_bank.nearest_neighbors(
+            patches, bank, 1, query_groups=query_groups, bank_groups=bank_groups
+        )
+        dist, idx = dist[:, 0], idx[:, 0]
+        if query_groups is not None:
+            # a patch with no item outside its own image keeps its in-sample distance
+            missing = torch.isinf(dist)
+            if missing.any():
+                d_in, i_in = _memory_bank.nearest_neighbors(patches[missing], bank, 1)
+                dist[missing], idx[missing] = d_in[:, 0], i_in[:, 0]
+        if weights is not None:
+            dist = dist * weights[idx]
+        n_images = len(x)
+        grid = dist.view(n_images, -1)
+        best = grid.argmax(dim=1)
+        top = grid.gather(1, best[:, None])[:, 0]
+        b = min(self.n_reweight, len(bank))
+        if b == 1 or x.shape[-2:] == (1, 1):
+            return grid.view(n_images, *x.shape[2:]), top
+        # PatchCore eq. (7): m* and its b nearest memory items (m* first)
+        rows = torch.arange(n_images, device=x.device) * grid.shape[1] + best
+        nearest = idx[rows]
+        _, support = _memory_bank.nearest_neighbors(bank[nearest], bank, b)
+        support[:, 0] = nearest  # m* itself, also when duplicates tie with it
+        distances = torch.linalg.vector_norm(patches[rows].unsqueeze(1) - bank[support], dim=2)
+        weight = 1 - torch.softmax(distances, dim=1)[:, 0]
+        return grid.view(n_images, *x.shape[2:]), weight * top
+
+    def _patch_scores(self, x):
+        return self._score_chunk(x)[0]
+
+    def _image_scores(self, x, patch_scores=None):
+        return self._score_chunk(x)[1]
+
+    def _anomaly_scores(self, X, patch_scores=None, groups=None):
+        """Image anomaly scores; ``groups`` (source image of each memory item) leaves images out."""
+        device = resolve_device(self.device)
+        bank_groups = None if groups is None else torch.as_tensor(groups, device=device)
+        scores = np.empty(len(X), dtype=X.dtype)
+        with torch.inference_mode():
+            for batch, x in self._iter_chunks(X, device):
+                query_groups = None
+                if bank_groups is not None:
+                    query_groups = torch.arange(batch.start, batch.stop, device=device)
+                scores[batch] = to_numpy(self._score_chunk(x, query_groups, bank_groups)[1])
+        return scores
+
+
+def make_patchcore_pipeline(
+    backbone="efficientnet_lite0", *, embedder_params=None, memory=None, **detector_params
+):
+    """The PatchCore pipeline: locally aware patch features and a coreset memory bank.
+
+    Builds ``make_pipeline(PatchEmbedder(...), PatchCoreDetector(...))`` with
+    the features of PatchCore §3.1: the two middle stages of the backbone
+    (the last two of its default stages: ``layer2`` + ``layer3`` of a
+    ResNet, ``stage2`` + ``stage4`` of EfficientNet-Lite, strides 8 and 16),
+    each ``3 x 3`` average-pooled (``pool_size=3``, the paper's ``p = 3``),
+    upsampled to the larger map and concatenated.
+
+    Parameters
+    ----------
+    backbone : str, default="efficientnet_lite0"
+        Registered backbone name (see :func:`skpatch.backbones.available_backbones`).
+    embedder_params : dict or None, default=None
+        Other :class:`~skpatch.PatchEmbedder` parameters (``weights``,
+        ``image_size``, ``crop_size``, ``device``, ...); they may also
+        override ``layers`` and ``pool_size``.
+    memory : str, joblib.Memory or None, default=None
+        Passed to :func:`~sklearn.pipeline.make_pipeline`: caches the
+        embeddings of the training images between fits.
+    **detector_params : dict
+        Parameters of :class:`PatchCoreDetector` (``coreset_ratio``,
+        ``max_patches``, ``random_state``, ...).
+
+    Returns
+    -------
+    pipeline : sklearn.pipeline.Pipeline
+        Steps ``"patchembedder"`` and ``"patchcoredetector"``.
+
+    See Also
+    --------
+    PatchCoreDetector : The detector.
+    PatchEmbedder : The embedder.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from skpatch import make_patchcore_pipeline
+    >>> pipe = make_patchcore_pipeline(
+    ...     embedder_params={"weights": None, "image_size": 64, "crop_size": None},
+    ...     map_size=64, random_state=0,
+    ... )
+    >>> pipe[0].layers, pipe[0].pool_size
+    (('stage2', 'stage4'), 3)
+    >>> images = np.random.RandomState(0).randint(0, 256, (8, 64, 64), dtype=np.uint8)
+    >>> pipe.fit(images).score_samples(images).shape
+    (8,)
+    """
+    layers = tuple(get_backbone(backbone).default_layers[-2:])
+    params = {"layers": layers, "pool_size": 3, **(embedder_params or {})}
+    return make_pipeline(
+        PatchEmbedder(backbone, **params), PatchCoreDetector(**detector_params), memory=memory
+    )

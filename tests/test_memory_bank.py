@@ -1,0 +1,102 @@
+import numpy as np
+import pytest
+import sklearn
+import torch
+from sklearn.neighbors import NearestNeighbors
+
+from skpatch._memory_bank import greedy_coreset, nearest_neighbors, random_projection
+
+
+def _exact_greedy(X, k, start):
+    """Textbook greedy k-center in float64."""
+    picks = [start]
+    d2 = ((X - X[start]) ** 2).sum(1)
+    for _ in range(k - 1):
+        j = int(d2.argmax())
+        picks.append(j)
+        d2 = np.minimum(d2, ((X - X[j]) ** 2).sum(1))
+    return picks
+
+
+def test_greedy_coreset_matches_exact_k_center_without_projection(rng):
+    # an offset far from 0 checks that the expanded distances stay accurate
+    X = rng.normal(size=(500, 20)).astype(np.float32) + 100
+    picks = greedy_coreset(X, 60, projection_dim=None, random_state=0)
+    assert picks.dtype == torch.long and picks.shape == (60,)
+    assert picks.tolist() == _exact_greedy(X.astype(np.float64), 60, int(picks[0]))
+
+
+def test_greedy_coreset_is_nested_seeded_and_unique(rng):
+    X = rng.normal(size=(400, 200))
+    a = greedy_coreset(X, 50, random_state=3)
+    b = greedy_coreset(torch.from_numpy(X), 20, random_state=3)
+    assert a[:20].tolist() == b.tolist()  # nested: first k picks = coreset of size k
+    assert len(set(a.tolist())) == 50
+    assert greedy_coreset(X, 50, random_state=4).tolist() != a.tolist()
+    # more picks than points: every point once
+    assert sorted(greedy_coreset(X[:30], 100, random_state=0).tolist()) == list(range(30))
+    # duplicates are picked only once each, before any repeated copy
+    dup = np.repeat(X[:5], 4, axis=0)
+    first = greedy_coreset(dup, 5, random_state=0, projection_dim=None)
+    assert sorted((first // 4).tolist()) == [0, 1, 2, 3, 4]
+
+
+def test_greedy_coreset_covers_clusters(rng):
+    centers = rng.normal(scale=50, size=(8, 256))
+    X = np.repeat(centers, 100, axis=0) + rng.normal(size=(800, 256))
+    picks = greedy_coreset(X, 8, projection_dim=64, random_state=0).numpy()
+    # one pick per cluster: the projection preserves the far-apart structure
+    assert sorted(picks // 100) == list(range(8))
+
+
+def test_random_projection_preserves_distances_on_average():
+    R = random_projection(500, 128, random_state=0, dtype=torch.float64)
+    x = torch.from_numpy(np.random.RandomState(1).normal(size=(200, 500)))
+    ratio = (x @ R).norm(dim=1) / x.norm(dim=1)
+    assert abs(float(ratio.square().mean()) - 1) < 0.05
+
+
+@pytest.mark.parametrize("working_memory", [None, 0.01])
+def test_nearest_neighbors_matches_sklearn(rng, working_memory):
+    bank = rng.normal(size=(700, 16)).astype(np.float32) + 50
+    queries = rng.normal(size=(90, 16)).astype(np.float32) + 50
+    dist, idx = nearest_neighbors(queries, bank, 4, working_memory=working_memory)
+    ref_dist, ref_idx = NearestNeighbors(n_neighbors=4).fit(bank).kneighbors(queries)
+    np.testing.assert_allclose(dist.numpy(), ref_dist, rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(idx.numpy(), ref_idx)
+
+
+def test_nearest_neighbors_uses_sklearn_working_memory(rng):
+    bank = rng.normal(size=(300, 8))
+    queries = rng.normal(size=(40, 8))
+    ref = nearest_neighbors(queries, bank, 3)
+    with sklearn.config_context(working_memory=0.001):
+        small = nearest_neighbors(queries, bank, 3)
+    np.testing.assert_allclose(ref[0].numpy(), small[0].numpy())
+    np.testing.assert_array_equal(ref[1].numpy(), small[1].numpy())
+
+
+def test_nearest_neighbors_exact_distances_of_duplicates():
+    bank = torch.full((5, 3), 1e3, dtype=torch.float32) + torch.arange(5.0).view(5, 1)
+    dist, idx = nearest_neighbors(bank, bank, 1)
+    assert (dist == 0).all() and idx.flatten().tolist() == list(range(5))
+
+
+def test_nearest_neighbors_leave_one_group_out(rng):
+    X = rng.normal(size=(30, 4))
+    groups = np.arange(30) // 3
+    dist, idx = nearest_neighbors(X, X, 2, query_groups=groups, bank_groups=groups)
+    D = np.linalg.norm(X[:, None] - X[None], axis=2)
+    D[groups[:, None] == groups[None]] = np.inf
+    np.testing.assert_allclose(dist.numpy(), np.sort(D, axis=1)[:, :2], rtol=1e-10)
+    assert (groups[idx.numpy()] != groups[:, None]).all()
+    # fewer than k rows outside the group: inf
+    dist, _ = nearest_neighbors(X[:3], X[:4], 2, query_groups=groups[:3], bank_groups=groups[:4])
+    assert np.isinf(dist[:, 1].numpy()).all() and np.isfinite(dist[:, 0].numpy()).all()
+
+
+def test_nearest_neighbors_checks_input(rng):
+    with pytest.raises(ValueError, match="n_neighbors"):
+        nearest_neighbors(rng.normal(size=(3, 2)), rng.normal(size=(2, 2)), 3)
+    with pytest.raises(ValueError, match="same number of columns"):
+        nearest_neighbors(rng.normal(size=(3, 2)), rng.normal(size=(2, 3)))

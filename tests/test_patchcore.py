@@ -1,0 +1,167 @@
+import joblib
+import numpy as np
+import pytest
+from sklearn.base import clone
+from sklearn.neighbors import NearestNeighbors
+from sklearn.utils.estimator_checks import parametrize_with_checks
+
+from skpatch import PatchCoreDetector, anomaly_map, make_patchcore_pipeline
+from skpatch._memory_bank import greedy_coreset
+
+from _common import FAST_PARAMS, expected_failed_checks
+
+
+def embeddings(n=30, c=6, h=3, w=4, seed=0, dtype=np.float32):
+    rng = np.random.RandomState(seed)
+    mix = rng.normal(size=(c, c))
+    x = rng.normal(size=(n, h, w, c)) @ mix + np.arange(h * w).reshape(h, w, 1)
+    return np.ascontiguousarray(x.transpose(0, 3, 1, 2)).astype(dtype)
+
+
+@parametrize_with_checks(
+    [
+        PatchCoreDetector(map_size=8, random_state=0),
+        PatchCoreDetector(0.5, map_size=8, calibration="in-sample", random_state=0),
+        PatchCoreDetector(1.0, n_reweight=1, projection_dim=None),
+    ],
+    expected_failed_checks=expected_failed_checks,
+)
+def test_sklearn_compatible_on_2d_input(estimator, check):
+    check(estimator)
+
+
+def test_fast_params_entry():
+    PatchCoreDetector(**FAST_PARAMS["PatchCoreDetector"]).fit(embeddings(n=5))
+
+
+def test_memory_bank_is_the_greedy_coreset_of_all_patches():
+    X = embeddings()
+    det = PatchCoreDetector(0.1, projection_dim=None, random_state=0, map_size=None).fit(X)
+    patches = X.transpose(0, 2, 3, 1).reshape(-1, 6)
+    assert det.memory_bank_.shape == (36, 6) and det.memory_bank_.dtype == np.float32
+    assert det.n_patches_seen_ == det.n_patches_stored_ == 360
+    # the same rng stream: the store is not subsampled, so the coreset draws first
+    picks = greedy_coreset(patches, 36, projection_dim=None, random_state=np.random.RandomState(0))
+    np.testing.assert_array_equal(det.memory_bank_, patches[picks.numpy()])
+
+
+def test_patch_scores_are_nearest_memory_distances_and_image_score_eq7():
+    X = embeddings()
+    test = embeddings(n=4, seed=1) + 0.5
+    det = PatchCoreDetector(0.2, random_state=0, map_size=None, sigma=0).fit(X)
+    bank = det.memory_bank_.astype(np.float64)
+    patches = test.transpose(0, 2, 3, 1).reshape(-1, 6).astype(np.float64)
+    nn = NearestNeighbors(n_neighbors=1).fit(bank)
+    dist, idx = nn.kneighbors(patches)
+    maps = det.anomaly_map(test)
+    np.testing.assert_allclose(maps.reshape(-1), dist[:, 0], rtol=1e-5)
+    # eq. (7): s = (1 - softmax over the 9 items around m* of ‖m_test - m‖ at m*) s*
+    grid = dist[:, 0].reshape(4, -1)
+    expected = []
+    for i in range(4):
+        j = grid[i].argmax()
+        m_star = idx.reshape(4, -1)[i, j]
+        _, support = NearestNeighbors(n_neighbors=9).fit(bank).kneighbors(bank[[m_star]])
+        d = np.linalg.norm(bank[support[0]] - patches.reshape(4, -1, 6)[i, j], axis=1)
+        weight = 1 - np.exp(d[0]) / np.exp(d).sum()
+        expected.append(weight * grid[i, j])
+    np.testing.assert_allclose(-det.score_samples(test), expected, rtol=1e-5)
+    det.set_params(n_reweight=1)
+    np.testing.assert_allclose(-det.score_samples(test), grid.max(axis=1), rtol=1e-5)
+
+
+def test_max_patches_bounds_the_store_and_bank():
+    X = embeddings(n=40)
+    det = PatchCoreDetector(0.1, max_patches=100, random_state=0, map_size=None).fit(X)
+    assert det.n_patches_seen_ == 480 and det.n_patches_stored_ == 100
+    assert det.memory_bank_.shape == (10, 6)
+    big = np.concatenate([X] * 4)
+    assert PatchCoreDetector(0.1, max_patches=100, random_state=0).fit(big).memory_bank_.shape == (10, 6)
+
+
+def test_random_state_reproducible():
+    X = embeddings()
+    a = PatchCoreDetector(0.1, max_patches=200, random_state=1, map_size=None).fit(X)
+    b = PatchCoreDetector(0.1, max_patches=200, random_state=1, map_size=None).fit(X)
+    c = PatchCoreDetector(0.1, max_patches=200, random_state=2, map_size=None).fit(X)
+    np.testing.assert_array_equal(a.memory_bank_, b.memory_bank_)
+    np.testing.assert_array_equal(a.score_samples(X), b.score_samples(X))
+    assert not np.array_equal(a.memory_bank_, c.memory_bank_)
+
+
+def test_leave_one_out_offset_does_not_flag_new_normal_images():
+    X = embeddings(n=60)
+    new = embeddings(n=300, seed=5)
+    # same distribution: embeddings() draws its mixing matrix from the seed
+    rng = np.random.RandomState(0)
+    mix = rng.normal(size=(6, 6))
+    new = (rng.normal(size=(300, 3, 4, 6)) @ mix + np.arange(12).reshape(3, 4, 1)).transpose(0, 3, 1, 2)
+    new = np.ascontiguousarray(new, dtype=np.float32)
+    loo = PatchCoreDetector(random_state=0, map_size=None).fit(X)
+    in_sample = PatchCoreDetector(random_state=0, map_size=None, calibration="in-sample").fit(X)
+    flagged_loo = (loo.predict(new) == -1).mean()
+    flagged_in = (in_sample.predict(new) == -1).mean()
+    assert flagged_loo <= 0.2 < flagged_in
+    # in-sample: exactly the contamination share of the training images is flagged
+    assert (in_sample.predict(X) == -1).sum() == 6
+
+
+def test_2d_input_is_a_nearest_neighbour_detector(rng):
+    X = rng.normal(size=(50, 3))
+    det = PatchCoreDetector(1.0, calibration="in-sample").fit(X)
+    test = rng.normal(size=(7, 3))
+    ref = NearestNeighbors(n_neighbors=1).fit(X).kneighbors(test)[0][:, 0]
+    np.testing.assert_allclose(-det.score_samples(test), ref, rtol=1e-5)
+
+
+def test_lof_denoising_drops_and_weights_defective_patches():
+    X = embeddings(n=60).astype(np.float64)
+    rng = np.random.RandomState(1)
+    shift = rng.normal(size=(6, 6))
+    X[:6, :, 1, 2] += 20 * shift / np.linalg.norm(shift, axis=1, keepdims=True)
+    det = PatchCoreDetector(1.0, denoising="lof", random_state=0, map_size=None).fit(X)
+    assert abs(len(det.memory_bank_) - 0.85 * 720) <= 2  # tau = 0.85 of the 720 patches
+    assert det.memory_weights_.shape == (len(det.memory_bank_),)
+    assert det.memory_weights_.max() <= det.lof_threshold_ + 1e-6
+    defects = X[:6, :, 1, 2].astype(np.float32)
+    distance = np.linalg.norm(det.memory_bank_[:, None] - defects[None], axis=2).min(axis=0)
+    assert (distance > 1).all()  # no defective patch is in the bank
+    plain = PatchCoreDetector(1.0, random_state=0, map_size=None).fit(X)
+    assert plain.memory_weights_ is None
+    # soft weights: the patch score is the distance times the nearest item's factor
+    test = embeddings(n=3, seed=3)
+    bank = det.memory_bank_
+    patches = test.transpose(0, 2, 3, 1).reshape(-1, 6)
+    d, i = NearestNeighbors(n_neighbors=1).fit(bank).kneighbors(patches)
+    maps = det.set_params(sigma=0).anomaly_map(test)
+    np.testing.assert_allclose(maps.reshape(-1), d[:, 0] * det.memory_weights_[i[:, 0]], rtol=1e-4)
+
+
+def test_pipeline_persistence_and_maps(images, tmp_path):
+    pipe = make_patchcore_pipeline(
+        embedder_params={"weights": None, "image_size": 32, "crop_size": None},
+        map_size=32,
+        random_state=0,
+    )
+    assert pipe[0].layers == ("stage2", "stage4") and pipe[0].pool_size == 3
+    pipe.fit(images[:8])
+    maps = anomaly_map(pipe, images[8:])
+    assert maps.shape == (2, 32, 32)
+    joblib.dump(pipe, tmp_path / "p.joblib")
+    loaded = joblib.load(tmp_path / "p.joblib")
+    np.testing.assert_allclose(loaded.score_samples(images[8:]), pipe.score_samples(images[8:]))
+    assert isinstance(pipe[-1].memory_bank_, np.ndarray)
+
+
+def test_bad_parameters():
+    X = embeddings(n=5)
+    with pytest.raises(ValueError):
+        PatchCoreDetector(coreset_ratio=0).fit(X)
+    with pytest.raises(ValueError):
+        PatchCoreDetector(denoising="knn").fit(X)
+    with pytest.raises(ValueError, match="at least 2"):
+        PatchCoreDetector().fit(X[:1])
+    det = PatchCoreDetector(random_state=0, map_size=None).fit(X)
+    with pytest.raises(ValueError, match="grid"):
+        det.score_samples(embeddings(n=2, h=2))
+    assert clone(det).get_params() == det.get_params()
