@@ -1,0 +1,113 @@
+import pickle
+
+import numpy as np
+import pytest
+import torch
+from sklearn.pipeline import make_pipeline
+
+from skpatch import AnomalyMapRefiner, PaDiMDetector, PatchEmbedder, anomaly_map, make_pni_pipeline
+from skpatch._refine import RefinementDecoder, refinement_loss
+from skpatch.datasets import make_synthetic_defects
+
+from _common import FAST_PARAMS
+
+EMBEDDER = {"weights": None, "image_size": 32, "crop_size": None}
+FAST_REFINER = {"n_epochs": 2, "width": 4, "random_state": 0}
+
+
+def _refiner(**params):
+    return make_pni_pipeline(
+        embedder_params=EMBEDDER, map_size=32, **FAST_PARAMS["PNIDetector"],
+        refine=True, refiner_params={**FAST_REFINER, **params},
+    )
+
+
+def test_loss_is_the_papers():
+    rng = np.random.RandomState(0)
+    refined = torch.as_tensor(rng.uniform(size=(2, 1, 5, 6)))
+    target = torch.as_tensor(rng.uniform(size=(2, 1, 5, 6)) > 0.5).double()
+    loss = refinement_loss(refined, target)
+    expected = []
+    for a, t in zip(refined.numpy()[:, 0], target.numpy()[:, 0]):
+        d = a - t
+        reg = np.sqrt((d**2).sum()) / 30
+        grad = np.sqrt((np.diff(d, axis=0) ** 2).sum()) + np.sqrt((np.diff(d, axis=1) ** 2).sum())
+        expected.append((reg + grad / 60) / 2)
+    assert float(loss) == pytest.approx(np.mean(expected))
+    assert float(refinement_loss(target, target)) == 0
+
+
+def test_decoder_shapes_and_coarse_map_skip():
+    decoder = RefinementDecoder((8, 16, 32), width=4).eval()
+    image, amap = torch.randn(2, 3, 32, 32), torch.randn(2, 1, 32, 32)
+    features = [torch.randn(2, 8, 8, 8), torch.randn(2, 16, 4, 4), torch.randn(2, 32, 2, 2)]
+    out = decoder(image, amap, features)
+    assert out.shape == (2, 1, 32, 32)
+    # the coarse map enters the output directly (initial skip weight 1)
+    with torch.no_grad():
+        delta = decoder(image, amap + 1, features) - out
+    assert (delta > 0.5).float().mean() > 0.9
+
+
+def test_fit_trains_on_synthetic_defects_and_refines(images):
+    model = _refiner(n_epochs=3).fit(images)
+    assert isinstance(model, AnomalyMapRefiner)
+    assert len(model.loss_curve_) == 3 and model.loss_curve_[-1] < model.loss_curve_[0]
+    maps = model.anomaly_map(images[:3])
+    assert maps.shape == (3, 32, 32) and maps.min() >= 0 and maps.max() <= 1
+    # the one call for maps works on the wrapper
+    np.testing.assert_array_equal(anomaly_map(model, images[:3]), maps)
+    # image score: the wrapped pipeline's by default, or the refined maximum
+    np.testing.assert_array_equal(
+        model.score_samples(images), model.estimator_.score_samples(images)
+    )
+    assert model.offset_ == model.estimator_[-1].offset_
+    model.set_params(image_score="refined").fit(images)
+    np.testing.assert_allclose(
+        -model.score_samples(images[:3]), model.anomaly_map(images[:3]).reshape(3, -1).max(1)
+    )
+    assert set(model.predict(images)) <= {-1, 1}
+
+
+def test_same_seed_same_network_and_pickle(images):
+    a = _refiner().fit(images)
+    b = _refiner().fit(images)
+    for key, value in a.network_state_.items():
+        assert isinstance(value, np.ndarray)
+        np.testing.assert_array_equal(value, b.network_state_[key])
+    c = pickle.loads(pickle.dumps(a))
+    np.testing.assert_array_equal(a.anomaly_map(images[:2]), c.anomaly_map(images[:2]))
+
+
+def test_refinement_learns_to_find_defects():
+    # Flat images; defects are bright squares. Trained on the paper's kinds, the
+    # refined maps separate defect pixels from normal ones better than chance.
+    rng = np.random.RandomState(0)
+    images = np.clip(128 + rng.normal(0, 3, size=(24, 32, 32)), 0, 255).astype(np.uint8)
+    model = AnomalyMapRefiner(
+        make_pipeline(
+            PatchEmbedder(**EMBEDDER),
+            PaDiMDetector(n_features=10, map_size=32, random_state=0),
+        ),
+        n_epochs=15, width=8, random_state=0,
+    ).fit(images)
+    test, masks = make_synthetic_defects(images[:8], kinds="cutpaste_scar", random_state=1)
+    maps = model.anomaly_map(test)
+    assert maps[masks].mean() > maps[~masks].mean()
+
+
+def test_needs_a_pipeline_with_an_embedder(images):
+    with pytest.raises(TypeError, match="PatchEmbedder"):
+        AnomalyMapRefiner(PaDiMDetector()).fit(images)
+
+
+def test_new_defect_kinds():
+    rng = np.random.RandomState(0)
+    images = np.clip(128 + 40 * rng.normal(size=(4, 64, 64)), 0, 255).astype(np.uint8)
+    for kind in ("cutpaste_scar", "draem"):
+        out, masks, kinds = make_synthetic_defects(
+            images, kinds=kind, random_state=0, return_kinds=True
+        )
+        assert kinds == [[kind]] * 4
+        assert masks.reshape(4, -1).any(axis=1).all() and masks.mean() < 0.2
+        np.testing.assert_array_equal(out[~masks], images[~masks])
