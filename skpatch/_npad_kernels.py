@@ -1,0 +1,231 @@
+"""N-pad kernels: neighbour similarities, weighted statistics, neighbour minima (torch).
+
+Grid layout: statistics are indexed by the patch grid, ``mean (h, w, d)``,
+``covariance (h, w, d, d)``; embeddings are ``(b, d, h, w)``. A neighbourhood
+of size ``p`` is the window of offsets ``(dy, dx)`` with
+``|dy|, |dx| <= p // 2`` (N-pad eq. 1), so every function loops over the
+``(2 (p // 2) + 1)²`` offsets of the window, never over positions: each
+offset is one batched operation on the shifted grid (the unfold of the grid
+written as shifted slices, which needs no copy of the ``d x d`` blocks).
+Neighbours outside the grid do not exist: their weight is 0 and their
+distance is ignored.
+"""
+
+import contextlib
+
+import torch
+import torch.nn.functional as F
+
+from ._torch_utils import single_threaded
+
+
+def window_offsets(size):
+    """Offsets ``(dy, dx)`` of the neighbourhood of size ``size`` (eq. 1), row-major."""
+    radius = size // 2
+    return [(dy, dx) for dy in range(-radius, radius + 1) for dx in range(-radius, radius + 1)]
+
+
+def _overlap(n, offset):
+    """Slices ``(target, source)`` of an axis of length ``n``: ``target + offset = source``."""
+    if offset >= 0:
+        return slice(0, n - offset), slice(offset, n)
+    return slice(-offset, n), slice(0, n + offset)
+
+
+def _row_chunks(n_rows, row_bytes, budget_bytes):
+    step = max(1, int(budget_bytes // max(row_bytes, 1)))
+    return [(start, min(start + step, n_rows)) for start in range(0, n_rows, step)]
+
+
+def _cholesky_solve_sq(matrices, vectors):
+    """``vᵀ A⁻¹ v`` for SPD ``A (m, d, d)`` and ``v (m, d)`` (Cholesky, no inverse)."""
+    chol, info = torch.linalg.cholesky_ex(matrices)
+    if bool((info > 0).any()):
+        raise ValueError(
+            "an averaged covariance of neighbouring positions is not positive definite; "
+            "increase epsilon (the ridge added to every covariance)."
+        )
+    z = torch.linalg.solve_triangular(chol, vectors.unsqueeze(-1), upper=False)
+    return z.squeeze(-1).square().sum(-1)
+
+
+def bhattacharyya_weights(mean, covariance, size, gamma, budget_bytes=2**28):
+    """Normalized neighbour weights ``m'`` of N-pad eq. (4)-(6): ``(h, w, K)``.
+
+    For every position and every neighbour ``a`` of its window (``K`` offsets,
+    :func:`window_offsets`), the simplified Bhattacharyya term of eq. (5),
+    ``BC = (μ - μ_a)ᵀ Σ'⁻¹ (μ - μ_a) / 8`` with ``Σ' = (Σ + Σ_a) / 2``, gives
+    the similarity ``m_a = exp(-BC / γ)`` (eq. 4); the position itself has
+    ``BC = 0``. Weights of neighbours outside the grid are 0, and the weights
+    of each position are normalized to sum to 1 (``m'`` of eq. 6).
+
+    ``BC`` is symmetric, so only half of the offsets are solved (one batched
+    Cholesky factorization per pair of positions), in chunks of grid rows of
+    at most ``budget_bytes`` of ``d x d`` matrices.
+    """
+    h, w, d = mean.shape
+    offsets = window_offsets(size)
+    index = {offset: k for k, offset in enumerate(offsets)}
+    bc = torch.full((h, w, len(offsets)), float("inf"), dtype=mean.dtype, device=mean.device)
+    bc[:, :, index[(0, 0)]] = 0.0
+    row_bytes = 3 * w * d * d * mean.element_size()
+    context = single_threaded() if mean.device.type == "cpu" else contextlib.nullcontext()
+    with context:
+        for dy, dx in offsets:
+            if (dy, dx) <= (0, 0):
+                continue  # the position itself, or the mirror of a solved offset
+            (ty, sy), (tx, sx) = _overlap(h, dy), _overlap(w, dx)
+            rows = range(ty.start, ty.stop)
+            values = torch.empty((len(rows), tx.stop - tx.start), dtype=mean.dtype,
+                                 device=mean.device)
+            for start, stop in _row_chunks(len(rows), row_bytes, budget_bytes):
+                t_rows = slice(ty.start + start, ty.start + stop)
+                s_rows = slice(sy.start + start, sy.start + stop)
+                averaged = (covariance[t_rows, tx] + covariance[s_rows, sx]) * 0.5
+                delta = mean[t_rows, tx] - mean[s_rows, sx]
+                values[start:stop] = (
+                    _cholesky_solve_sq(averaged.reshape(-1, d, d), delta.reshape(-1, d))
+                    .reshape(stop - start, -1) / 8.0
+                )
+            bc[ty, tx, index[(dy, dx)]] = values
+            bc[sy, sx, index[(-dy, -dx)]] = values
+    weights = torch.exp(-bc / gamma)  # exp(-inf) = 0 outside the grid
+    return weights / weights.sum(dim=2, keepdim=True)
+
+
+def weighted_moments(count, mean, scatter, weights, size, budget_bytes=2**28):
+    """Weighted mean and covariance of N-pad eq. (6) from per-position sums.
+
+    With ``N`` images, per-position means ``μ_a`` and scatters
+    ``S_a = Σ_i (e_i^a - μ_a)(e_i^a - μ_a)ᵀ``, the sums of eq. (6) are
+
+        μ = Σ_a m'_a μ_a,
+        Σ = Σ_a m'_a (S_a + N (μ_a - μ)(μ_a - μ)ᵀ) / (N - Σ_a m'_a²),
+
+    since ``Σ_i (e_i^a - μ)(e_i^a - μ)ᵀ = S_a + N (μ_a - μ)(μ_a - μ)ᵀ``: no
+    training embedding is needed again. ``mean (h, w, d)``, ``scatter (h, w, d,
+    d)``, ``weights (h, w, K)`` from :func:`bhattacharyya_weights`. Returns
+    ``(mean (h, w, d), covariance (h, w, d, d))`` (without the ridge ``εI``),
+    computed in chunks of grid rows.
+    """
+    h, w, d = mean.shape
+    offsets = window_offsets(size)
+    weighted_mean = torch.zeros_like(mean)
+    for k, (dy, dx) in enumerate(offsets):
+        (ty, sy), (tx, sx) = _overlap(h, dy), _overlap(w, dx)
+        weighted_mean[ty, tx] += weights[ty, tx, k, None] * mean[sy, sx]
+    covariance = torch.zeros_like(scatter)
+    row_bytes = 2 * w * d * d * scatter.element_size()
+    for start, stop in _row_chunks(h, row_bytes, budget_bytes):
+        block = covariance[start:stop]
+        for k, (dy, dx) in enumerate(offsets):
+            ty, sy = _overlap(h, dy)
+            lo, hi = max(ty.start, start), min(ty.stop, stop)
+            if lo >= hi:
+                continue
+            (tx, sx) = _overlap(w, dx)
+            target = (slice(lo, hi), tx)
+            source = (slice(lo + dy, hi + dy), sx)
+            delta = mean[source] - weighted_mean[target]
+            term = scatter[source] + count * (delta.unsqueeze(-1) * delta.unsqueeze(-2))
+            block[lo - start:hi - start, tx] += weights[target][..., k, None, None] * term
+    correction = count - weights.square().sum(dim=2)
+    covariance /= correction[..., None, None]
+    return weighted_mean, covariance
+
+
+def aggregate(x, size):
+    """``p x p`` average of every embedding over its neighbourhood (eq. 7), same grid.
+
+    Adaptive average pooling restricted to the in-grid neighbours at the
+    border (``count_include_pad=False``), so border patches are not pulled
+    toward zero.
+    """
+    radius = size // 2
+    if radius == 0:
+        return x
+    return F.avg_pool2d(x, 2 * radius + 1, stride=1, padding=radius, count_include_pad=False)
+
+
+def neighbour_min_mahalanobis(x, mean, prec_chol, size):
+    """``D1`` of N-pad eq. (8)-(9): ``(b, h, w)``.
+
+    The Mahalanobis distance of the embedding at every position to each of
+    the Gaussians of its size-``size`` window, minimized over the window.
+    ``x (b, d, h, w)``; ``mean (P, d)`` and ``prec_chol (P, d, d)`` (upper
+    ``U`` with ``Σ⁻¹ = U Uᵀ``) in row-major grid order. For each offset
+    ``o``, the embeddings are shifted by ``-o`` (edge-replicated), whitened
+    by the Gaussian of every position in one batched product with the
+    full, contiguous ``prec_chol``, and the distances are shifted back; the
+    replicated border entries are masked out.
+    """
+    b, d, h, w = x.shape
+    radius = size // 2
+    padded = F.pad(x, (radius, radius, radius, radius), mode="replicate") if radius else x
+    shift = (mean.unsqueeze(1) @ prec_chol).neg_()  # (P, 1, d): -μU, once per call
+    best = None
+    for dy, dx in window_offsets(size):
+        # Feature at y - o against the Gaussian at y, for every y.
+        shifted = padded[:, :, radius - dy:radius - dy + h, radius - dx:radius - dx + w]
+        positions = shifted.permute(0, 2, 3, 1).reshape(b, h * w, d).transpose(0, 1)
+        z = torch.baddbmm(shift, positions, prec_chol)
+        dist = torch.linalg.vector_norm(z, dim=2).T.reshape(b, h, w)
+        # dist[y] belongs to the feature at y - o: distance map of the features
+        # is dist shifted by +o; outside the overlap it does not exist.
+        (ty, sy), (tx, sx) = _overlap(h, dy), _overlap(w, dx)
+        aligned = torch.full_like(dist, float("inf"))
+        aligned[:, ty, tx] = dist[:, sy, sx]
+        best = aligned if best is None else torch.minimum(best, aligned)
+    return best
+
+
+def topk_image_score(d1, features, centroids, k):
+    """Image scores of N-pad eq. (12)-(14): ``(b,)``.
+
+    ``Q_k``: the ``k`` largest entries of ``d1 (b, h, w)`` (eq. 12); ``E_k``:
+    the Euclidean distance of the aggregated feature ``features (b, d, h, w)``
+    of each of those positions to its nearest centroid (eq. 13); the score
+    is ``Σ_i sort(E_k)[i] · sort(Q_k)[i]``, both sorted ascending (eq. 14).
+    """
+    b, d = features.shape[:2]
+    k = min(k, d1[0].numel())
+    top, where = d1.flatten(1).topk(k, dim=1)
+    picked = features.flatten(2).gather(2, where.unsqueeze(1).expand(b, d, k)).transpose(1, 2)
+    euclid = torch.cdist(picked.reshape(b * k, d), centroids.to(picked.dtype)).amin(dim=1)
+    euclid = euclid.view(b, k).sort(dim=1).values
+    return (euclid * top.sort(dim=1).values).sum(dim=1)
+
+
+def kmeans(points, n_clusters, generator, max_iter=30, tol=1e-4, chunk_size=4096):
+    """Lloyd's k-means of ``points (n, d)``: centroids ``(n_clusters, d)`` and iterations run.
+
+    Initialized with ``n_clusters`` distinct points drawn with ``generator``
+    (a :class:`torch.Generator`; k-means++ seeding costs ``n_clusters``
+    sequential passes over the data, too many for thousands of centroids).
+    Assignments are chunked matrix products ``|c|² - 2 x·c``; a cluster that
+    empties keeps its centroid. Stops when no centroid moves by more than
+    ``tol`` times the mean squared norm of the centred data, or after
+    ``max_iter`` iterations.
+    """
+    n = points.shape[0]
+    n_clusters = min(n_clusters, n)
+    pick = torch.randperm(n, generator=generator)[:n_clusters].to(points.device)
+    centroids = points[pick].clone()
+    scale = (points - points.mean(0)).square().sum(1).mean().clamp_min(1e-30)
+    n_iter = 0
+    for n_iter in range(1, max_iter + 1):
+        sq_norms = centroids.square().sum(1)
+        labels = torch.cat([
+            torch.addmm(sq_norms, points[start:start + chunk_size], centroids.T, alpha=-2)
+            .argmin(1)
+            for start in range(0, n, chunk_size)
+        ])
+        sums = torch.zeros_like(centroids).index_add_(0, labels, points)
+        counts = torch.bincount(labels, minlength=n_clusters).to(points.dtype)
+        filled = counts > 0
+        updated = torch.where(filled[:, None], sums / counts.clamp_min(1)[:, None], centroids)
+        shift = (updated - centroids).square().sum(1).max()
+        centroids = updated
+        if shift <= tol * scale:
+            break
+    return centroids, n_iter

@@ -1,0 +1,284 @@
+"""Image shifting (N-pad §3.4, eq. 15): score shifted copies of each test image."""
+
+import os
+from numbers import Integral
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from sklearn.base import BaseEstimator, MetaEstimatorMixin, OutlierMixin, _fit_context, clone
+from sklearn.utils import gen_batches
+from sklearn.utils._param_validation import HasMethods, Interval
+from sklearn.utils.validation import check_is_fitted
+
+from ._compose import _split
+from ._maps import map_size_tuple
+
+
+def _as_image_array(X):
+    """Images as one array ``(n, H, W[, 3])``; lists of equal-size images are stacked."""
+    if isinstance(X, (list, tuple)):
+        from PIL import Image
+
+        images = [
+            np.asarray(Image.open(x)) if isinstance(x, (str, os.PathLike)) else np.asarray(x)
+            for x in X
+        ]
+        if len({im.shape for im in images}) > 1:
+            raise ValueError(
+                "ImageShiftDetector shifts images of one size; the images of X have "
+                f"{len({im.shape for im in images})} different shapes. Resize them first."
+            )
+        X = np.stack(images)
+    X = np.asarray(X)
+    if X.ndim not in (3, 4):
+        raise ValueError(
+            f"X of shape {X.shape}: ImageShiftDetector needs images (n, H, W) or "
+            "(n, H, W, 3), the input of a pipeline that starts with PatchEmbedder."
+        )
+    return X
+
+
+def shift_images(images, dy, dx):
+    """Eq. (15): ``x'[h - dy, w - dx] = x[h, w]``, vacated border pixels edge-replicated."""
+    radius = max(abs(dy), abs(dx))
+    if radius == 0:
+        return images
+    height, width = images.shape[1:3]
+    pad = [(0, 0), (radius, radius), (radius, radius)] + [(0, 0)] * (images.ndim - 3)
+    padded = np.pad(images, pad, mode="edge")
+    return padded[:, radius + dy:radius + dy + height, radius + dx:radius + dx + width]
+
+
+def translate_maps(maps, dy, dx):
+    """Maps ``(n, H, W)`` translated by ``(dy, dx)`` map pixels (any real shift).
+
+    ``out[i, j] = maps[i - dy, j - dx]``, bilinear between pixels (exact for
+    integer shifts), the border value beyond the edges.
+    """
+    if dy == 0 and dx == 0:
+        return maps
+    n, height, width = maps.shape
+    theta = torch.tensor(
+        [[1.0, 0.0, -2.0 * dx / width], [0.0, 1.0, -2.0 * dy / height]], dtype=maps.dtype
+    ).expand(n, 2, 3)
+    grid = F.affine_grid(theta, (n, 1, height, width), align_corners=False)
+    out = F.grid_sample(maps.unsqueeze(1), grid, mode="bilinear", padding_mode="border",
+                        align_corners=False)
+    return out.squeeze(1)
+
+
+class ImageShiftDetector(MetaEstimatorMixin, OutlierMixin, BaseEstimator):
+    """Image shifting (N-pad module D): average the scores of shifted test images.
+
+    Implements the last inference step of N-pad (§3.4, eq. 15): every test
+    image is shifted by each ``(a, b)`` with integer ``a, b`` in
+    ``[-r/2, r/2]`` (``r = max_shift``; 25 copies for ``r = 4``, the
+    unshifted image included), each copy goes through the wrapped pipeline
+    (CNN and detector), and the anomaly maps, shifted back into place, and
+    the image scores are averaged over the copies. Shifting is an inference
+    step only: ``fit`` fits the wrapped estimator on the images as given.
+
+    The shift needs the CNN, which a detector does not hold, so this
+    meta-estimator wraps the whole pipeline; it is itself an outlier
+    detector on images, and its parameters (``max_shift``,
+    ``estimator__<step>__<param>``) can be tuned by
+    :class:`~sklearn.model_selection.GridSearchCV`.
+
+    Parameters
+    ----------
+    estimator : Pipeline or detector
+        Usually ``make_pipeline(PatchEmbedder(...), NPadDetector(...))``
+        (see :func:`make_npad_pipeline`); any pipeline whose last step has
+        ``score_samples`` and ``anomaly_map`` and whose input is images.
+        Cloned in ``fit``.
+    max_shift : int, default=4
+        ``r`` of eq. (15): shifts of up to ``r // 2`` pixels of the input
+        images in each direction. 0 scores the images as given.
+    batch_size : int, default=32
+        Images shifted and scored at a time (bounds memory: one batch of
+        copies and their embeddings at once).
+
+    Attributes
+    ----------
+    estimator_ : Pipeline or detector
+        The fitted clone of ``estimator``.
+    shifts_ : list of tuple of int
+        The ``(a, b)`` shifts, in input-image pixels.
+    offset_ : float
+        Threshold on ``score_samples``: the wrapped detector's ``offset_``.
+
+    See Also
+    --------
+    make_npad_pipeline : Builds this wrapper around the N-pad pipeline.
+    NPadDetector : Modules A-C of N-pad.
+
+    Notes
+    -----
+    Copy ``(a, b)`` is ``x'[h - a, w - b] = x[h, w]``; the pixels it moves in
+    from beyond the border repeat the edge row or column. Its anomaly map at
+    ``(i, j)`` describes the input pixel ``(i + a, j + b)``, so it is shifted
+    back by ``(a, b)`` times the scale from input pixels to map pixels
+    (which accounts for the embedder's resize, crop and ``map_size``)
+    before averaging. The average (not the minimum) is the aggregation:
+    the paper says the scores of all shifted images are aggregated, and the
+    mean keeps the calibration of ``offset_`` roughly valid.
+
+    Scoring costs one CNN pass and one detector scoring per copy:
+    ``(2 (r // 2) + 1)²`` times the unshifted cost (25 for ``r = 4``).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from sklearn.pipeline import make_pipeline
+    >>> from skpatch import ImageShiftDetector, NPadDetector, PatchEmbedder
+    >>> images = np.random.RandomState(0).randint(0, 256, (6, 32, 32), dtype=np.uint8)
+    >>> model = ImageShiftDetector(make_pipeline(
+    ...     PatchEmbedder(weights=None, image_size=32, crop_size=None),
+    ...     NPadDetector(n_features=4, map_size=32, random_state=0),
+    ... ), max_shift=2).fit(images)
+    >>> len(model.shifts_), model.score_samples(images).shape
+    (9, (6,))
+    """
+
+    _parameter_constraints = {
+        "estimator": [HasMethods(["fit", "score_samples"])],
+        "max_shift": [Interval(Integral, 0, None, closed="left")],
+        "batch_size": [Interval(Integral, 1, None, closed="left")],
+    }
+
+    def __init__(self, estimator, *, max_shift=4, batch_size=32):
+        self.estimator = estimator
+        self.max_shift = max_shift
+        self.batch_size = batch_size
+
+    @_fit_context(prefer_skip_nested_validation=False)
+    def fit(self, X, y=None):
+        """Fit the wrapped estimator on the (unshifted) training images.
+
+        Parameters
+        ----------
+        X : array-like or sequence
+            Training images, as the wrapped estimator takes them.
+        y : None
+            Ignored.
+
+        Returns
+        -------
+        self : ImageShiftDetector
+            The fitted wrapper.
+        """
+        self.estimator_ = clone(self.estimator).fit(X, y)
+        radius = self.max_shift // 2
+        self.shifts_ = [(a, b) for a in range(-radius, radius + 1)
+                        for b in range(-radius, radius + 1)]
+        self.offset_ = float(_split(self.estimator_)[1].offset_)
+        return self
+
+    def _map_scale(self, image_shape, map_shape):
+        """Map pixels per input-image pixel along ``(H, W)``."""
+        transformers, _ = _split(self.estimator_)
+        height, width = image_shape
+        crop = (height, width)
+        scale = (1.0, 1.0)
+        embedder = next((t for t in transformers if hasattr(t, "crop_size")), None)
+        if embedder is not None:
+            size = embedder.image_size
+            if size is None:
+                resized = (height, width)
+            elif isinstance(size, Integral):
+                factor = size / min(height, width)
+                resized = (round(height * factor), round(width * factor))
+            else:
+                resized = tuple(int(s) for s in size)
+            scale = (resized[0] / height, resized[1] / width)
+            crop = resized if embedder.crop_size is None else map_size_tuple(embedder.crop_size)
+        return scale[0] * map_shape[0] / crop[0], scale[1] * map_shape[1] / crop[1]
+
+    def _embed(self, images):
+        transformers, detector = _split(self.estimator_)
+        for transformer in transformers:
+            images = transformer.transform(images)
+        return images, detector
+
+    def _shifted_outputs(self, X, maps):
+        """Average over the shifts of the scores (``maps=False``) or re-aligned maps."""
+        check_is_fitted(self)
+        X = _as_image_array(X)
+        out = None
+        for batch in gen_batches(len(X), self.batch_size):
+            total = None
+            for dy, dx in self.shifts_:
+                embeddings, detector = self._embed(shift_images(X[batch], dy, dx))
+                if maps:
+                    value = torch.from_numpy(detector.anomaly_map(embeddings))
+                    fy, fx = self._map_scale(X.shape[1:3], value.shape[1:])
+                    value = translate_maps(value, dy * fy, dx * fx)
+                else:
+                    value = torch.from_numpy(np.asarray(detector.score_samples(embeddings)))
+                total = value if total is None else total + value
+            mean = (total / len(self.shifts_)).numpy()
+            if out is None:
+                out = np.empty((len(X), *mean.shape[1:]), dtype=mean.dtype)
+            out[batch] = mean
+        return out
+
+    def anomaly_map(self, X):
+        """Anomaly maps averaged over the shifted copies, each shifted back into place.
+
+        Parameters
+        ----------
+        X : ndarray of shape (n, H, W) or (n, H, W, 3), or sequence
+            Images (a list must hold images of one size).
+
+        Returns
+        -------
+        maps : ndarray of shape (n, H_map, W_map)
+            Anomaly scores per pixel, higher = more anomalous.
+        """
+        return self._shifted_outputs(X, maps=True)
+
+    def score_samples(self, X):
+        """Wrapped ``score_samples`` averaged over the shifted copies (higher = more normal).
+
+        Parameters
+        ----------
+        X : ndarray of shape (n, H, W) or (n, H, W, 3), or sequence
+            Images (a list must hold images of one size).
+
+        Returns
+        -------
+        scores : ndarray of shape (n,)
+            Opposite of the image anomaly score.
+        """
+        return self._shifted_outputs(X, maps=False)
+
+    def decision_function(self, X):
+        """``score_samples(X) - offset_``: negative for outliers.
+
+        Parameters
+        ----------
+        X : ndarray of shape (n, H, W) or (n, H, W, 3), or sequence
+            Images.
+
+        Returns
+        -------
+        decision : ndarray of shape (n,)
+            Shifted scores; the threshold is 0.
+        """
+        return self.score_samples(X) - self.offset_
+
+    def predict(self, X):
+        """Label images: +1 normal, -1 anomalous.
+
+        Parameters
+        ----------
+        X : ndarray of shape (n, H, W) or (n, H, W, 3), or sequence
+            Images.
+
+        Returns
+        -------
+        labels : ndarray of shape (n,)
+            +1 for inliers, -1 for outliers.
+        """
+        return np.where(self.decision_function(X) < 0, -1, 1)

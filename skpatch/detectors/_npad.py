@@ -1,0 +1,524 @@
+"""N-pad: neighbouring-pixel-based anomaly detection (Jang, Hwang & Park)."""
+
+import math
+from numbers import Integral, Real
+
+import numpy as np
+import torch
+from sklearn.base import _fit_context
+from sklearn.pipeline import make_pipeline
+from sklearn.utils import check_random_state
+from sklearn.utils._param_validation import Interval, StrOptions
+
+from .. import _gaussian, _npad_kernels
+from .._embedder import PatchEmbedder
+from .._maps import map_size_tuple, postprocess
+from .._shift import ImageShiftDetector
+from .._torch_utils import as_tensor, resolve_device, to_numpy
+from ._base import BaseGaussianDetector, BasePatchDetector
+
+
+def _grid_positions(x):
+    """``(b, d, h, w)`` -> position-major ``(P, b, d)`` (a transposed view of one NHWC copy)."""
+    b, d = x.shape[:2]
+    return x.permute(0, 2, 3, 1).reshape(b, -1, d).transpose(0, 1)
+
+
+class NPadDetector(BaseGaussianDetector):
+    """N-pad: neighbour-weighted and aggregated Gaussians per position, and a centroid bank.
+
+    Implements N-pad (Jang, Hwang & Park, KAIST), modules A to C of its
+    Fig. 1; module D (image shifting) needs the CNN and is
+    :class:`~skpatch.ImageShiftDetector` around a pipeline
+    (:func:`make_npad_pipeline` builds both).
+
+    1. **Channel selection** (§3.1): the ``n_features`` channels with the
+       fewest nonzero values over the training embeddings (ties broken at
+       random), or a random subset (the paper's ablation).
+    2. **(A) Weighted-similarity distributions** (§3.2): a Gaussian per
+       position (eq. 2-3); the similarity ``m_a = exp(-BC / γ)`` of each
+       position to every position ``a`` of its ``p x p`` window, with the
+       Bhattacharyya term ``BC`` simplified as in eq. (5); then the
+       weighted mean and covariance of eq. (6) over the window, plus ``εI``.
+    3. **(B) Aggregated-feature distributions** (§3.3): the embeddings
+       averaged over ``p x p`` windows (eq. 7), a Gaussian per position of
+       them, and the k-means centroids of the aggregated training features
+       (``kmeans_ratio`` of them, Table 4) as memory bank.
+    4. **(C) Inference** (§3.4): ``D1``, the smallest Mahalanobis distance of
+       a patch to the weighted Gaussians of its ``q x q`` window (eq. 8-9);
+       ``D2``, the Mahalanobis distance of its aggregated feature (eq. 10);
+       the patch score ``sqrt(D1 · D2)`` (eq. 11), upsampled and blurred
+       into the anomaly map; and the image score of eq. (12)-(14): the
+       ``top_k`` largest ``D1`` and the distances of the same patches'
+       aggregated features to their nearest centroid, each sorted, summed
+       products.
+
+    Everything is batched over positions: one batched operation per offset
+    of a window, the weighted statistics from per-position sums.
+
+    Parameters
+    ----------
+    n_features : int, default=100
+        ``d``, the number of channels kept (the paper keeps 550 of the 1792
+        of Wide-ResNet-50-2; 100 of the 176 of EfficientNet-Lite0, see the
+        user guide). None keeps every channel.
+    feature_selection : {"least-nonzero", "random"}, default="least-nonzero"
+        ``"least-nonzero"`` keeps the channels with the fewest nonzero
+        training values (§3.1), ties broken at random; ``"random"`` a random
+        subset (PaDiM's rule, the paper's ablation of §4.3).
+    p : int, default=3
+        Neighbourhood of the weighted (A) and aggregated (B) distributions:
+        the window of offsets up to ``p // 2`` (eq. 1). 1 disables both
+        (A becomes PaDiM's Gaussian, B the embeddings themselves).
+    q : int, default=2
+        Neighbourhood of the Gaussians over which ``D1`` is minimized
+        (eq. 8-9), a window of offsets up to ``q // 2`` (eq. 1: ``q=2``
+        and ``q=3`` are both the 3 x 3 window). 1 scores each patch with its
+        own position's Gaussian only (ablations A and A+B).
+    gamma : float, default=0.25
+        Balancing parameter ``γ`` of the similarities ``exp(-BC / γ)``
+        (eq. 4); larger values weight neighbours more.
+    distributions : {"both", "weighted", "aggregated"}, default="both"
+        Which pixel maps make the patch score: ``sqrt(D1 · D2)`` (eq. 11),
+        ``D1`` only (module A) or ``D2`` only (module B), for the ablations
+        of Table 2.
+    image_score : {"top-k", "max"}, default="top-k"
+        ``"top-k"``: eq. (12)-(14) (with ``distributions="aggregated"``,
+        ``D2`` takes the place of ``D1``); ``"max"``: the maximum of the
+        anomaly map, as PaDiM (no k-means is fitted then).
+    top_k : int, default=10
+        ``k`` of eq. (12)-(14), clipped to the number of positions. The
+        paper does not give it; see the user guide.
+    kmeans_ratio : float in (0, 1], default=0.1
+        Number of centroids as a fraction of the aggregated training
+        features clustered (Table 4's best trade-off, 10 %).
+    kmeans_max_samples : int, default=10000
+        At most this many aggregated training features (drawn at random
+        over images and positions) are clustered: the cost of k-means grows
+        as the square of the number of features, ``N x h x w`` of them in
+        the paper (see Notes). None clusters them all.
+    epsilon : float, default=0.01
+        Ridge ``ε`` added to every covariance (eq. 3, and to those of eq. 6
+        and of the aggregated features).
+    sigma : float, default=4
+        Standard deviation, in map pixels, of the Gaussian blur of the
+        anomaly maps; 0 disables it.
+    map_size : int, pair of int or None, default=224
+        Size ``(H, W)`` of the anomaly maps; None keeps the patch grid.
+    contamination : float in (0, 0.5], default=0.1
+        Expected fraction of anomalies: ``offset_`` is this quantile of the
+        training images' ``score_samples`` (in-sample, see Notes).
+    random_state : int, RandomState instance or None, default=None
+        Seeds the channel selection (ties or random subset), the features
+        clustered and the k-means initialization.
+    device : str, default="auto"
+        Torch device for the statistics and scoring; "auto" uses CUDA when
+        available. The fitted state is NumPy whatever the device.
+
+    Attributes
+    ----------
+    feature_indices_ : ndarray of shape (n_selected,)
+        Channels kept (sorted).
+    nonzero_counts_ : ndarray of shape (n_features_in_,)
+        Nonzero training values per channel (``"least-nonzero"`` only).
+    neighbor_weights_ : ndarray of shape (h, w, K)
+        Normalized similarities ``m'`` of every position to the ``K``
+        positions of its ``p x p`` window (row-major offsets; 0 outside the
+        grid). Absent when ``distributions="aggregated"``.
+    weighted_mean_ : ndarray of shape (h * w, n_selected)
+        Weighted means of eq. (6) (row-major grid order).
+    weighted_precision_cholesky_ : ndarray of shape (h * w, n_selected, n_selected)
+        Upper-triangular ``U`` with ``Σ⁻¹ = U Uᵀ`` of the weighted covariances.
+    aggregated_mean_ : ndarray of shape (h * w, n_selected)
+        Means of the aggregated features (absent when ``distributions="weighted"``).
+    aggregated_precision_cholesky_ : ndarray of shape (h * w, n_selected, n_selected)
+        ``U`` of the covariances of the aggregated features.
+    centroids_ : ndarray of shape (n_clusters, n_selected)
+        k-means centroids of the aggregated training features (the memory
+        bank ``C``); absent when ``image_score="max"``.
+    kmeans_n_iter_ : int
+        Lloyd iterations run by the k-means.
+    n_samples_seen_ : int
+        Number of training images.
+    offset_ : float
+        Threshold on ``score_samples``; ``decision_function = score_samples - offset_``.
+    grid_shape_ : tuple of int
+        Patch grid ``(h, w)`` seen in fit (``(1, 1)`` for 2-D input).
+    n_features_in_ : int
+        Number of embedding channels ``C`` seen in fit.
+
+    See Also
+    --------
+    make_npad_pipeline : Embedder, this detector and image shifting.
+    ImageShiftDetector : Module D, image shifting, around a pipeline.
+    PaDiMDetector : One Gaussian per position.
+
+    Notes
+    -----
+    **Weighted statistics from sums.** With per-position means ``μ_a`` and
+    scatters ``S_a`` of the ``N`` training images, eq. (6) is
+    ``μ = Σ_a m'_a μ_a`` and ``Σ = Σ_a m'_a (S_a + N (μ_a - μ)(μ_a -
+    μ)ᵀ) / (N - Σ_a m'_a²)``: the training embeddings are read once, for the
+    sums, as in PaDiM.
+
+    **Borders.** Neighbours outside the grid do not exist: they get no
+    weight in eq. (6), no place in the minimum of eq. (9), and the averages
+    of eq. (7) are over the in-grid neighbours.
+
+    **2-D input** ``(n, d)`` is a grid of one patch: A is PaDiM's Gaussian
+    (``m' = 1``), B the same Gaussian, the patch score their Mahalanobis
+    distance, and the top-k image score that distance times the distance to
+    the nearest of the k-means centroids.
+
+    **Calibration.** ``offset_`` is the ``contamination`` quantile of the
+    in-sample training scores (scikit-learn's rule). Unlike PaDiM, N-pad's
+    minimum over neighbouring Gaussians and its centroid bank have no
+    closed-form leave-one-out score, so in-sample scores, which are
+    optimistic, set a threshold that flags more than ``contamination`` of
+    new normal images; set ``offset_`` from held-out normal images when
+    that matters.
+
+    **Cost.** With ``P = h x w`` positions, ``d`` channels and windows of
+    ``K_p = (2 (p // 2) + 1)²`` and ``K_q`` offsets: fit costs PaDiM's sums
+    twice (plain and aggregated features), ``P (K_p - 1) / 2`` Cholesky
+    factorizations of ``d x d`` matrices for the similarities, ``K_p``
+    weighted sums of the ``(P, d, d)`` scatters and two batched Cholesky
+    inversions, plus k-means on at most ``kmeans_max_samples`` features; the
+    statistics take about ``4 P d²`` floats while fitting and ``2 P d²``
+    after. Scoring costs ``K_q + 1`` PaDiM scorings (``K_q = 9`` for
+    ``q = 2``).
+
+    References
+    ----------
+    .. [1] J. Jang, E. Hwang, S.-H. Park, "N-pad: Neighboring Pixel-based
+       Industrial Anomaly Detection", CVPR Workshops (VAND), 2023.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from skpatch import NPadDetector
+    >>> rng = np.random.RandomState(0)
+    >>> X = rng.normal(size=(40, 8, 6, 6)).astype(np.float32)
+    >>> detector = NPadDetector(n_features=4, map_size=None, random_state=0).fit(X)
+    >>> detector.anomaly_map(X[:2]).shape
+    (2, 6, 6)
+    >>> detector.predict(X[:3] + 10)
+    array([-1, -1, -1])
+    """
+
+    _parameter_constraints = {
+        **BasePatchDetector._parameter_constraints,
+        "n_features": [Interval(Integral, 1, None, closed="left"), None],
+        "feature_selection": [StrOptions({"least-nonzero", "random"})],
+        "p": [Interval(Integral, 1, None, closed="left")],
+        "q": [Interval(Integral, 1, None, closed="left")],
+        "gamma": [Interval(Real, 0, None, closed="neither")],
+        "distributions": [StrOptions({"both", "weighted", "aggregated"})],
+        "image_score": [StrOptions({"top-k", "max"})],
+        "top_k": [Interval(Integral, 1, None, closed="left")],
+        "kmeans_ratio": [Interval(Real, 0, 1, closed="right")],
+        "kmeans_max_samples": [Interval(Integral, 1, None, closed="left"), None],
+        "epsilon": [Interval(Real, 0, None, closed="left")],
+        "random_state": ["random_state"],
+    }
+
+    def __init__(
+        self,
+        n_features=100,
+        *,
+        feature_selection="least-nonzero",
+        p=3,
+        q=2,
+        gamma=0.25,
+        distributions="both",
+        image_score="top-k",
+        top_k=10,
+        kmeans_ratio=0.1,
+        kmeans_max_samples=10000,
+        epsilon=0.01,
+        sigma=4.0,
+        map_size=224,
+        contamination=0.1,
+        random_state=None,
+        device="auto",
+    ):
+        self.n_features = n_features
+        self.feature_selection = feature_selection
+        self.p = p
+        self.q = q
+        self.gamma = gamma
+        self.distributions = distributions
+        self.image_score = image_score
+        self.top_k = top_k
+        self.kmeans_ratio = kmeans_ratio
+        self.kmeans_max_samples = kmeans_max_samples
+        self.epsilon = epsilon
+        self.sigma = sigma
+        self.map_size = map_size
+        self.contamination = contamination
+        self.random_state = random_state
+        self.device = device
+
+    # ------------------------------------------------------------------ fitting
+    @property
+    def _uses_weighted(self):
+        return self.distributions in ("both", "weighted")
+
+    @property
+    def _uses_aggregated(self):
+        return self.distributions in ("both", "aggregated")
+
+    def _select_channels(self, X, device, rng):
+        """Channel selection of §3.1 (fewest nonzero values) or a random subset."""
+        n_channels = X.shape[1]
+        n_selected = n_channels if self.n_features is None else self.n_features
+        if n_selected > n_channels:
+            raise ValueError(
+                f"n_features={self.n_features} exceeds the {n_channels} channels of the "
+                "embeddings; choose n_features <= n_channels or None."
+            )
+        if self.feature_selection == "random":
+            return np.sort(rng.choice(n_channels, n_selected, replace=False))
+        counts = torch.zeros(n_channels, dtype=torch.int64, device=device)
+        for _, x in self._iter_chunks(X, device):
+            counts += (x != 0).sum(dim=(0, 2, 3))
+        self.nonzero_counts_ = to_numpy(counts)
+        # Fewest nonzero values first; ties (all channels, for a backbone
+        # whose stages end without ReLU) in a random order.
+        order = np.lexsort((rng.permutation(n_channels), self.nonzero_counts_))
+        return np.sort(order[:n_selected])
+
+    def _selected(self, x):
+        return x[:, torch.as_tensor(self.feature_indices_, device=x.device)]
+
+    def _kmeans_sample(self, n_images, rng):
+        """Sorted flat indices (image-major) of the aggregated features to cluster."""
+        n_positions = self.grid_shape_[0] * self.grid_shape_[1]
+        total = n_images * n_positions
+        n_draw = total if self.kmeans_max_samples is None else min(total, self.kmeans_max_samples)
+        if n_draw == total:
+            return np.arange(total)
+        return np.sort(rng.choice(total, n_draw, replace=False))
+
+    def _aggregated_chunks(self, X, device, sample, collected):
+        """Yield aggregated positions ``(P, b, d)``; collect the k-means sample on the way."""
+        n_positions = self.grid_shape_[0] * self.grid_shape_[1]
+        for batch, x in self._iter_chunks(X, device):
+            agg = _npad_kernels.aggregate(self._selected(x), self.p)
+            if sample is not None:
+                lo, hi = np.searchsorted(sample, [batch.start * n_positions,
+                                                  batch.stop * n_positions])
+                flat = torch.as_tensor(sample[lo:hi] - batch.start * n_positions,
+                                       device=agg.device)
+                rows = agg.flatten(2).transpose(1, 2).reshape(-1, agg.shape[1])
+                collected.append(rows[flat])
+            yield _grid_positions(agg)
+
+    def _fit_kmeans(self, samples, rng):
+        n_clusters = max(1, math.ceil(self.kmeans_ratio * len(samples)))
+        generator = torch.Generator().manual_seed(int(rng.randint(np.iinfo(np.int32).max)))
+        centroids, self.kmeans_n_iter_ = _npad_kernels.kmeans(samples, n_clusters, generator)
+        return to_numpy(centroids)
+
+    def _fit_weighted(self, X, device):
+        """Module A: per-position Gaussians, similarities, weighted Gaussians (eq. 2-6)."""
+        h, w = self.grid_shape_
+        count, mean, scatter = _gaussian.chunked_moments(
+            _grid_positions(self._selected(x)) for _, x in self._iter_chunks(X, device)
+        )
+        d = mean.shape[1]
+        if not self._uses_aggregated:
+            self._warn_degenerate(count, mean, scatter)
+        covariance = _gaussian.regularized_covariance(scatter, count, self.epsilon)
+        weights = _npad_kernels.bhattacharyya_weights(
+            mean.view(h, w, d), covariance.view(h, w, d, d), self.p, self.gamma
+        )
+        del covariance
+        weighted_mean, weighted_cov = _npad_kernels.weighted_moments(
+            count, mean.view(h, w, d), scatter.view(h, w, d, d), weights, self.p
+        )
+        del scatter
+        weighted_cov += self.epsilon * torch.eye(d, dtype=mean.dtype, device=mean.device)
+        self.neighbor_weights_ = to_numpy(weights)
+        self.weighted_mean_ = to_numpy(weighted_mean.reshape(h * w, d))
+        self.weighted_precision_cholesky_ = to_numpy(
+            _gaussian.precision_cholesky(weighted_cov.view(h * w, d, d))
+        )
+
+    @_fit_context(prefer_skip_nested_validation=True)
+    def fit(self, X, y=None):
+        """Fit the weighted and aggregated Gaussians and the centroid bank.
+
+        Parameters
+        ----------
+        X : ndarray of shape (n, C, h, w) or (n, d)
+            Patch embeddings of normal training images.
+        y : None
+            Ignored.
+
+        Returns
+        -------
+        self : NPadDetector
+            The fitted detector.
+        """
+        X = self._validate_embeddings(X, reset=True)
+        self._check_n_samples(len(X), 2, type(self).__name__)
+        for attribute in (
+            "nonzero_counts_", "neighbor_weights_", "weighted_mean_",
+            "weighted_precision_cholesky_", "aggregated_mean_",
+            "aggregated_precision_cholesky_", "centroids_",
+        ):
+            self.__dict__.pop(attribute, None)
+        rng = check_random_state(self.random_state)
+        device = resolve_device(self.device)
+        with torch.inference_mode():
+            self.feature_indices_ = self._select_channels(X, device, rng)
+            self.n_samples_seen_ = len(X)
+            if self._uses_weighted:
+                self._fit_weighted(X, device)
+            needs_bank = self.image_score == "top-k"
+            sample = self._kmeans_sample(len(X), rng) if needs_bank else None
+            collected = []
+            if self._uses_aggregated or needs_bank:
+                chunks = self._aggregated_chunks(X, device, sample, collected)
+                if self._uses_aggregated:
+                    count, mean, scatter = _gaussian.chunked_moments(chunks)
+                    mean, prec_chol = self._whitening((count, mean, scatter))
+                    del scatter
+                    self.aggregated_mean_ = to_numpy(mean)
+                    self.aggregated_precision_cholesky_ = to_numpy(prec_chol)
+                else:
+                    for _ in chunks:
+                        pass
+            if needs_bank:
+                self.centroids_ = self._fit_kmeans(torch.cat(collected), rng)
+            self._set_offset(self._anomaly_scores(X))
+        return self
+
+    # ------------------------------------------------------------------ scoring
+    def _scoring_state(self):
+        return self.weighted_mean_, self.weighted_precision_cholesky_
+
+    def _bytes_per_image(self, X):
+        n_positions = X.shape[2] * X.shape[3]
+        n_selected = len(getattr(self, "feature_indices_", range(X.shape[1])))
+        return 8 * n_positions * n_selected * X.itemsize
+
+    def _distances(self, x):
+        """``(D1 or None, D2 or None, aggregated features or None)`` of a chunk (eq. 8-10)."""
+        fitted = self.weighted_mean_ if self._uses_weighted else self.aggregated_mean_
+        selected = self._selected(x).to(torch.float64 if fitted.dtype == np.float64 else torch.float32)
+        h, w = self.grid_shape_
+        d1 = d2 = agg = None
+        if self._uses_weighted:
+            d1 = _npad_kernels.neighbour_min_mahalanobis(
+                selected,
+                as_tensor(self.weighted_mean_, x.device),
+                as_tensor(self.weighted_precision_cholesky_, x.device),
+                self.q,
+            )
+        if self._uses_aggregated or self.image_score == "top-k":
+            agg = _npad_kernels.aggregate(selected, self.p)
+        if self._uses_aggregated:
+            mean = as_tensor(self.aggregated_mean_, x.device)
+            d2 = _gaussian.mahalanobis(
+                _grid_positions(agg),
+                mean,
+                as_tensor(self.aggregated_precision_cholesky_, x.device),
+            ).T.reshape(len(x), h, w)
+        return d1, d2, agg
+
+    @staticmethod
+    def _combine(d1, d2):
+        if d1 is None:
+            return d2
+        if d2 is None:
+            return d1
+        return (d1 * d2).sqrt()  # eq. (11)
+
+    def _patch_scores(self, x):
+        d1, d2, _ = self._distances(x)
+        return self._combine(d1, d2)
+
+    def _image_scores(self, x, patch_scores=None):
+        """Eq. (12)-(14) (``image_score="top-k"``) or the maximum of the map."""
+        d1, d2, agg = self._distances(x)
+        if self.image_score == "max":
+            grid = self._combine(d1, d2)
+            if x.shape[-2:] == (1, 1):
+                return grid.flatten(1).amax(dim=1)
+            maps = postprocess(grid, map_size_tuple(self.map_size), self.sigma)
+            return maps.flatten(1).amax(dim=1)
+        mahalanobis = d1 if d1 is not None else d2
+        centroids = as_tensor(self.centroids_, x.device)
+        return _npad_kernels.topk_image_score(mahalanobis, agg, centroids, self.top_k)
+
+
+def make_npad_pipeline(
+    backbone="efficientnet_lite0",
+    *,
+    max_shift=4,
+    embedder_params=None,
+    memory=None,
+    **detector_params,
+):
+    """The N-pad pipeline: embedder, :class:`NPadDetector` and image shifting.
+
+    Builds ``ImageShiftDetector(make_pipeline(PatchEmbedder(...),
+    NPadDetector(...)), max_shift=max_shift)``. The embedder takes the
+    backbone's three default stages (strides 4, 8 and 16, the paper's
+    hierarchy levels 1-3), upsampled to the largest map and concatenated,
+    without pooling: the ``p x p`` aggregation of module B is the
+    detector's. ``max_shift=0`` returns the pipeline alone (no shifting).
+
+    Parameters
+    ----------
+    backbone : str, default="efficientnet_lite0"
+        Registered backbone name (see :func:`skpatch.backbones.available_backbones`).
+    max_shift : int, default=4
+        ``r`` of eq. (15): test images are scored at every shift of up to
+        ``r // 2`` pixels in each direction; 0 disables shifting.
+    embedder_params : dict or None, default=None
+        Other :class:`~skpatch.PatchEmbedder` parameters (``weights``,
+        ``image_size``, ``crop_size``, ``layers``, ``device``, ...).
+    memory : str, joblib.Memory or None, default=None
+        Passed to :func:`~sklearn.pipeline.make_pipeline`: caches the
+        embeddings of the training images between fits.
+    **detector_params : dict
+        Parameters of :class:`NPadDetector` (``p``, ``q``, ``gamma``,
+        ``n_features``, ``random_state``, ...).
+
+    Returns
+    -------
+    estimator : ImageShiftDetector or sklearn.pipeline.Pipeline
+        The shifting wrapper around the pipeline (steps ``"patchembedder"``
+        and ``"npaddetector"``), or the pipeline when ``max_shift=0``.
+        Grid-search its parameters as ``max_shift`` and
+        ``estimator__npaddetector__gamma``.
+
+    See Also
+    --------
+    NPadDetector : The detector (modules A-C).
+    ImageShiftDetector : Image shifting (module D).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from skpatch import make_npad_pipeline
+    >>> model = make_npad_pipeline(
+    ...     max_shift=2,
+    ...     embedder_params={"weights": None, "image_size": 32, "crop_size": None},
+    ...     n_features=4, map_size=32, random_state=0,
+    ... )
+    >>> images = np.random.RandomState(0).randint(0, 256, (6, 32, 32), dtype=np.uint8)
+    >>> model.fit(images).anomaly_map(images[:2]).shape
+    (2, 32, 32)
+    """
+    pipeline = make_pipeline(
+        PatchEmbedder(backbone, **(embedder_params or {})),
+        NPadDetector(**detector_params),
+        memory=memory,
+    )
+    if max_shift == 0:
+        return pipeline
+    return ImageShiftDetector(pipeline, max_shift=max_shift)

@@ -1,0 +1,333 @@
+import joblib
+import numpy as np
+import pytest
+from sklearn.base import BaseEstimator, OutlierMixin
+from sklearn.model_selection import GridSearchCV
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import FunctionTransformer
+from sklearn.utils.estimator_checks import parametrize_with_checks
+
+from skpatch import (
+    ImageShiftDetector,
+    NPadDetector,
+    PaDiMDetector,
+    PatchEmbedder,
+    anomaly_map,
+    make_npad_pipeline,
+)
+from skpatch._shift import shift_images, translate_maps
+from skpatch.metrics import image_auroc_scorer
+
+
+def embeddings(n=40, c=5, h=4, w=5, seed=0, dtype=np.float64):
+    rng = np.random.RandomState(seed)
+    # correlated channels, smoothly position-dependent means
+    mix = rng.normal(size=(c, c))
+    yy, xx = np.mgrid[0:h, 0:w]
+    trend = np.stack([np.sin(yy + k) + np.cos(xx * (k + 1) / 2) for k in range(c)], -1)
+    x = rng.normal(size=(n, h, w, c)) @ mix * 0.5 + 2 * trend
+    return np.ascontiguousarray(x.transpose(0, 3, 1, 2)).astype(dtype)
+
+
+def window(i, j, size, h, w):
+    r = size // 2
+    return [(a, b) for a in range(i - r, i + r + 1) for b in range(j - r, j + r + 1)
+            if 0 <= a < h and 0 <= b < w]
+
+
+def reference_model(X, p, q, gamma, eps):
+    """Brute-force N-pad statistics with NumPy loops over positions (eq. 2-7)."""
+    n, c, h, w = X.shape
+    mu = X.mean(0).transpose(1, 2, 0)
+    cov = np.empty((h, w, c, c))
+    for i in range(h):
+        for j in range(w):
+            cov[i, j] = np.cov(X[:, :, i, j].T) + eps * np.eye(c)
+    weights, wmean, wcov = {}, np.empty((h, w, c)), np.empty((h, w, c, c))
+    for i in range(h):
+        for j in range(w):
+            nb = window(i, j, p, h, w)
+            m = []
+            for a, b in nb:
+                delta = mu[i, j] - mu[a, b]
+                avg = (cov[i, j] + cov[a, b]) / 2
+                m.append(np.exp(-(delta @ np.linalg.solve(avg, delta) / 8) / gamma))
+            m = np.array(m) / np.sum(m)
+            weights[i, j] = dict(zip(nb, m))
+            mean = sum(mk * X[:, :, a, b].mean(0) for mk, (a, b) in zip(m, nb))
+            scatter = sum(mk * (X[:, :, a, b] - mean).T @ (X[:, :, a, b] - mean)
+                          for mk, (a, b) in zip(m, nb))
+            wmean[i, j] = mean
+            wcov[i, j] = scatter / (n - np.sum(m ** 2)) + eps * np.eye(c)
+    agg = np.empty_like(X)
+    for i in range(h):
+        for j in range(w):
+            nb = window(i, j, p, h, w)
+            agg[:, :, i, j] = np.mean([X[:, :, a, b] for a, b in nb], axis=0)
+    amean = agg.mean(0).transpose(1, 2, 0)
+    acov = np.empty((h, w, c, c))
+    for i in range(h):
+        for j in range(w):
+            acov[i, j] = np.cov(agg[:, :, i, j].T) + eps * np.eye(c)
+    return weights, wmean, wcov, amean, acov
+
+
+def mahalanobis(x, mean, cov):
+    diff = x - mean
+    return np.sqrt(diff @ np.linalg.solve(cov, diff))
+
+
+@parametrize_with_checks(
+    [
+        NPadDetector(n_features=None, map_size=8),
+        NPadDetector(n_features=1, feature_selection="random", random_state=0, top_k=3),
+        NPadDetector(n_features=None, distributions="weighted", image_score="max"),
+    ],
+)
+def test_sklearn_compatible_on_2d_input(estimator, check):
+    check(estimator)
+
+
+def test_weighted_and_aggregated_statistics_follow_eq2_to_eq7():
+    X = embeddings()
+    det = NPadDetector(n_features=None, p=3, gamma=0.25, map_size=None).fit(X)
+    weights, wmean, wcov, amean, acov = reference_model(X, 3, 2, 0.25, 0.01)
+    h, w = 4, 5
+    offsets = [(dy, dx) for dy in (-1, 0, 1) for dx in (-1, 0, 1)]
+    for i, j in [(0, 0), (1, 2), (3, 4), (2, 0)]:
+        got = det.neighbor_weights_[i, j]
+        expected = [weights[i, j].get((i + dy, j + dx), 0.0) for dy, dx in offsets]
+        np.testing.assert_allclose(got, expected, rtol=1e-7, atol=1e-12)
+        pos = i * w + j
+        np.testing.assert_allclose(det.weighted_mean_[pos], wmean[i, j], rtol=1e-9)
+        u = det.weighted_precision_cholesky_[pos]
+        np.testing.assert_allclose(u @ u.T, np.linalg.inv(wcov[i, j]), rtol=1e-6, atol=1e-9)
+        np.testing.assert_allclose(det.aggregated_mean_[pos], amean[i, j], rtol=1e-9)
+        u = det.aggregated_precision_cholesky_[pos]
+        np.testing.assert_allclose(u @ u.T, np.linalg.inv(acov[i, j]), rtol=1e-6, atol=1e-9)
+    # the similarities are not uniform: they carry the Bhattacharyya term
+    assert np.ptp(det.neighbor_weights_[1, 2]) > 0.01
+    assert h * w == len(det.weighted_mean_)
+
+
+def test_maps_and_image_scores_follow_eq8_to_eq14():
+    X = embeddings()
+    test = embeddings(n=3, seed=1) + np.random.RandomState(2).normal(size=(3, 5, 4, 5))
+    det = NPadDetector(n_features=None, map_size=None, sigma=0, top_k=4, random_state=0).fit(X)
+    _, wmean, wcov, amean, acov = reference_model(X, 3, 2, 0.25, 0.01)
+    h, w = 4, 5
+    d1 = np.empty((3, h, w))
+    d2 = np.empty((3, h, w))
+    tagg = np.empty_like(test)
+    for i in range(h):
+        for j in range(w):
+            tagg[:, :, i, j] = np.mean([test[:, :, a, b] for a, b in window(i, j, 3, h, w)], 0)
+    for k in range(3):
+        for i in range(h):
+            for j in range(w):
+                d1[k, i, j] = min(mahalanobis(test[k, :, i, j], wmean[a, b], wcov[a, b])
+                                  for a, b in window(i, j, 2, h, w))
+                d2[k, i, j] = mahalanobis(tagg[k, :, i, j], amean[i, j], acov[i, j])
+    np.testing.assert_allclose(det.anomaly_map(test), np.sqrt(d1 * d2), rtol=1e-8)
+    expected = []
+    for k in range(3):
+        top = np.argsort(d1[k].ravel())[::-1][:4]
+        feats = tagg[k].reshape(5, -1)[:, top].T
+        euclid = np.sqrt(((feats[:, None] - det.centroids_[None]) ** 2).sum(-1)).min(1)
+        expected.append(np.sum(np.sort(euclid) * np.sort(d1[k].ravel()[top])))
+    np.testing.assert_allclose(-det.score_samples(test), expected, rtol=1e-8)
+    # ablations: D1 alone, D2 alone
+    det.set_params(distributions="weighted").fit(X)
+    np.testing.assert_allclose(det.anomaly_map(test), d1, rtol=1e-8)
+    det.set_params(distributions="aggregated").fit(X)
+    np.testing.assert_allclose(det.anomaly_map(test), d2, rtol=1e-8)
+
+
+def test_without_neighbourhoods_it_is_padim():
+    X = embeddings(dtype=np.float32)
+    npad = NPadDetector(n_features=None, p=1, q=1, distributions="weighted",
+                        image_score="max", map_size=12, sigma=1.0).fit(X)
+    padim = PaDiMDetector(map_size=12, sigma=1.0, calibration="in-sample").fit(X)
+    np.testing.assert_allclose(npad.anomaly_map(X[:4]), padim.anomaly_map(X[:4]), rtol=1e-4)
+    np.testing.assert_allclose(npad.score_samples(X[:4]), padim.score_samples(X[:4]), rtol=1e-4)
+    np.testing.assert_allclose(npad.neighbor_weights_, 1.0)
+
+
+def test_2d_input_is_one_patch():
+    X = embeddings(n=30).reshape(30, -1)[:, :6]
+    det = NPadDetector(n_features=None, random_state=0).fit(X)
+    padim = PaDiMDetector(calibration="in-sample").fit(X)
+    distance = -padim.score_samples(X[:5])
+    euclid = np.sqrt(((X[:5, None] - det.centroids_[None]) ** 2).sum(-1)).min(1)
+    np.testing.assert_allclose(-det.score_samples(X[:5]), distance * euclid, rtol=1e-6)
+    assert len(det.centroids_) == 3  # 10 % of 30
+
+
+def test_least_nonzero_channel_selection():
+    X = embeddings(n=20, c=6, dtype=np.float32)
+    zero = np.random.RandomState(1).uniform(size=X[:, 0].shape)
+    X[:, 1][zero < 0.8] = 0  # sparse channels (ReLU-like), sparsest first
+    X[:, 4][zero < 0.5] = 0
+    X[:, 2][zero < 0.2] = 0
+    det = NPadDetector(n_features=2, map_size=None, random_state=0).fit(X)
+    np.testing.assert_array_equal(det.feature_indices_, [1, 4])
+    assert det.nonzero_counts_[1] < det.nonzero_counts_[4] < det.nonzero_counts_[2]
+    # all tied (no zero anywhere): a seeded random subset
+    Y = embeddings(n=20, c=6, dtype=np.float32) + 100
+    picks = {tuple(NPadDetector(n_features=2, random_state=s).fit(Y).feature_indices_)
+             for s in range(6)}
+    assert len(picks) > 1
+    a = NPadDetector(n_features=3, random_state=7, map_size=None).fit(Y)
+    b = NPadDetector(n_features=3, random_state=7, map_size=None).fit(Y)
+    np.testing.assert_array_equal(a.feature_indices_, b.feature_indices_)
+    np.testing.assert_array_equal(a.score_samples(Y), b.score_samples(Y))
+    np.testing.assert_array_equal(a.centroids_, b.centroids_)
+
+
+def test_kmeans_budget_and_ratio():
+    X = embeddings(n=30, dtype=np.float32)  # 30 x 20 = 600 aggregated features
+    det = NPadDetector(n_features=None, kmeans_ratio=0.05, random_state=0).fit(X)
+    assert det.centroids_.shape == (30, 5)
+    det.set_params(kmeans_max_samples=100).fit(X)
+    assert det.centroids_.shape == (5, 5)
+    det.set_params(image_score="max").fit(X)
+    assert not hasattr(det, "centroids_")
+
+
+def test_outlier_interface_flags_shifted_images():
+    X = embeddings(n=60, dtype=np.float32)
+    det = NPadDetector(n_features=None, map_size=None, random_state=0).fit(X)
+    assert (det.predict(X) == -1).sum() == 6  # in-sample contamination quantile
+    np.testing.assert_allclose(det.decision_function(X), det.score_samples(X) - det.offset_)
+    outliers = X[:5] + 5
+    assert det.score_samples(outliers).max() < det.score_samples(X).min()
+    assert (det.predict(outliers) == -1).all()
+
+
+def test_clear_errors():
+    X = embeddings(dtype=np.float32)
+    with pytest.raises(ValueError, match="n_features=100 exceeds the 5 channels"):
+        NPadDetector().fit(X)
+    with pytest.raises(ValueError, match="at least 2 samples"):
+        NPadDetector(n_features=None).fit(X[:1])
+    with pytest.raises(ValueError, match="gamma"):
+        NPadDetector(n_features=None, gamma=0).fit(X)
+    det = NPadDetector(n_features=None, map_size=None).fit(X)
+    with pytest.raises(ValueError, match="grid of patches"):
+        det.score_samples(embeddings(h=3, dtype=np.float32))
+
+
+# ---------------------------------------------------------------------- image shifting
+def test_shift_images_follows_eq15():
+    images = np.arange(2 * 5 * 6).reshape(2, 5, 6)
+    shifted = shift_images(images, 1, -2)
+    # x'[h - a, w - b] = x[h, w]
+    np.testing.assert_array_equal(shifted[:, 0, 3], images[:, 1, 1])
+    np.testing.assert_array_equal(shifted[:, 2, 4], images[:, 3, 2])
+    np.testing.assert_array_equal(shifted[:, 4, 0], images[:, 4, 0])  # edge replicated
+    np.testing.assert_array_equal(shift_images(images, 0, 0), images)
+
+
+def test_translate_maps_is_exact_for_integer_shifts():
+    import torch
+
+    maps = torch.arange(2 * 6 * 7, dtype=torch.float32).reshape(2, 6, 7)
+    out = translate_maps(maps, 2, -1)
+    np.testing.assert_allclose(out[:, 2:, :-1], maps[:, :-2, 1:], atol=1e-4)
+    np.testing.assert_allclose(out[:, 0, :-1], maps[:, 0, 1:], atol=1e-4)  # border value
+
+
+class _ImageAsMap(OutlierMixin, BaseEstimator):
+    """A detector whose anomaly map is its (image) input and whose score is the mean."""
+
+    def fit(self, X, y=None):
+        self.offset_ = 0.0
+        return self
+
+    def anomaly_map(self, X):
+        return np.asarray(X, dtype=np.float32)
+
+    def score_samples(self, X):
+        return -np.asarray(X, dtype=np.float32).mean(axis=(1, 2))
+
+
+def test_shifted_maps_are_realigned():
+    rng = np.random.RandomState(0)
+    images = rng.uniform(size=(3, 12, 12)).astype(np.float32)
+    # upsampling x2 between image and map: realignment must scale the shifts
+    upsample = FunctionTransformer(lambda x: np.repeat(np.repeat(x, 2, 1), 2, 2))
+    model = ImageShiftDetector(make_pipeline(upsample, _ImageAsMap()), max_shift=4)
+    model.fit(images)
+    model._map_scale = lambda image_shape, map_shape: (2.0, 2.0)
+    assert len(model.shifts_) == 25
+    maps = model.anomaly_map(images)
+    expected = upsample.transform(images)
+    # away from the replicated borders, every shifted copy lands back in place
+    np.testing.assert_allclose(maps[:, 4:-4, 4:-4], expected[:, 4:-4, 4:-4], atol=1e-5)
+    # without realignment the average would be a blur
+    assert not np.allclose(maps[:, 4:-4, 4:-4], 0.5, atol=0.1)
+
+
+def test_map_scale_follows_the_embedder():
+    pipe = make_npad_pipeline(embedder_params={"weights": None, "image_size": 32,
+                                               "crop_size": 24}, map_size=48)
+    pipe.estimator_ = pipe.estimator
+    # 64 -> 32 (x0.5), crop 24 -> map 48 (x2): one image pixel is one map pixel
+    assert pipe._map_scale((64, 80), (48, 48)) == (1.0, 1.0)
+
+
+@pytest.fixture
+def npad_model():
+    return make_npad_pipeline(
+        max_shift=2,
+        embedder_params={"weights": None, "image_size": 32, "crop_size": None},
+        n_features=8, map_size=32, random_state=0,
+    )
+
+
+def test_image_shift_pipeline_maps_scores_persistence(images, npad_model, tmp_path):
+    model = npad_model.fit(images)
+    assert len(model.shifts_) == 9
+    test = images[:3]
+    scores = model.score_samples(test)
+    maps = anomaly_map(model, test)
+    assert scores.shape == (3,) and maps.shape == (3, 32, 32)
+    np.testing.assert_allclose(model.decision_function(test), scores - model.offset_)
+    assert set(model.predict(test)) <= {-1, 1}
+    # the average over shifts differs from the unshifted score, and max_shift=0 is the pipeline
+    unshifted = model.estimator_.score_samples(test)
+    assert not np.allclose(scores, unshifted)
+    model0 = ImageShiftDetector(model.estimator, max_shift=0).fit(images)
+    np.testing.assert_allclose(model0.score_samples(test), unshifted, rtol=1e-5)
+    np.testing.assert_allclose(model0.anomaly_map(test), anomaly_map(model.estimator_, test),
+                               rtol=1e-5)
+    # lists of equal-size images work too
+    np.testing.assert_allclose(model.score_samples(list(test)), scores, rtol=1e-5)
+
+    path = tmp_path / "npad.joblib"
+    joblib.dump(model, path)
+    np.testing.assert_array_equal(joblib.load(path).score_samples(test), scores)
+
+
+def test_grid_search_tunes_shift_and_detector(images, npad_model):
+    labels = np.r_[np.zeros(8, int), np.ones(2, int)]
+    images = images.copy()
+    images[8:, 10:20, 10:20] = 255
+    search = GridSearchCV(
+        npad_model,
+        {"max_shift": [0, 2], "estimator__npaddetector__gamma": [0.25, 1.0]},
+        scoring=image_auroc_scorer,
+        cv=[(np.arange(6), np.arange(6, 10))],
+    ).fit(images, labels)
+    assert set(search.cv_results_["param_max_shift"]) == {0, 2}
+    assert search.best_estimator_.estimator_[-1].gamma in (0.25, 1.0)
+
+
+def test_make_npad_pipeline_defaults():
+    model = make_npad_pipeline(embedder_params={"weights": None})
+    assert isinstance(model, ImageShiftDetector) and model.max_shift == 4
+    embedder, detector = model.estimator[0], model.estimator[-1]
+    assert isinstance(embedder, PatchEmbedder) and embedder.pool_size == 1
+    assert (detector.p, detector.q, detector.gamma, detector.kmeans_ratio) == (3, 2, 0.25, 0.1)
+    assert detector.n_features == 100
+    assert make_npad_pipeline(max_shift=0).steps[-1][0] == "npaddetector"
