@@ -1,19 +1,24 @@
 """PatchEmbedder: images -> patch embeddings ``(n, C, h, w)`` with a pretrained CNN."""
 
 import functools
+import hashlib
 import os
+import re
 import sys
+import tempfile
 from numbers import Integral
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+import joblib
 from sklearn.base import BaseEstimator, TransformerMixin, _fit_context
 from sklearn.utils import gen_batches
-from sklearn.utils._param_validation import Interval, StrOptions
+from sklearn.utils._param_validation import HasMethods, Interval, StrOptions
+from sklearn.utils.validation import check_memory
 
 from ._images import check_images, load_batch
-from ._torch_utils import resolve_device
+from ._torch_utils import cpu_fallback_state, oom_advice, resolve_device, to_numpy
 from .backbones import FeatureExtractor, get_backbone, load_backbone
 
 
@@ -36,6 +41,67 @@ def _cached_extractor(backbone, weights, weights_stamp, layers, device):
     for parameter in extractor.parameters():
         parameter.requires_grad_(False)
     return extractor
+
+
+# Bump when a change of the code changes the features of a cached setting.
+_FEATURE_CACHE_VERSION = 1
+
+
+def _image_key(item):
+    """Content hash of one input image (array, PIL image or file), or None if unreadable."""
+    digest = hashlib.blake2b(digest_size=20)
+    if isinstance(item, (str, os.PathLike)):
+        digest.update(b"file")
+        try:
+            with open(item, "rb") as file:
+                for block in iter(lambda: file.read(1 << 20), b""):
+                    digest.update(block)
+        except OSError:
+            return None  # not cached: decoding reports the error
+    elif hasattr(item, "convert") and hasattr(item, "tobytes"):  # a PIL image
+        digest.update(f"pil{item.mode}{item.size}".encode())
+        digest.update(item.tobytes())
+    else:
+        array = np.ascontiguousarray(item)
+        digest.update(f"array{array.dtype.str}{array.shape}".encode())
+        digest.update(array.data)
+    return digest.hexdigest()
+
+
+class _FeatureCache:
+    """Backbone feature maps on disk, one ``.npy`` file per image and layer.
+
+    The directory is named by a hash of everything that determines the
+    feature maps of an image (backbone, weights, resize, crop); a file by the
+    hash of the image's content and the layer. Files are written to a
+    temporary name and renamed, so parallel workers never read half a file.
+    """
+
+    def __init__(self, root, layers):
+        self.root = root
+        self.layers = [re.sub(r"[^\w.-]", "_", layer) for layer in layers]
+
+    def _path(self, key, layer):
+        return os.path.join(self.root, key[:2], f"{key}-{layer}.npy")
+
+    def load(self, key):
+        if key is None:
+            return None
+        try:
+            return [np.load(self._path(key, layer)) for layer in self.layers]
+        except (OSError, ValueError, EOFError):
+            return None  # missing (or unreadable) entry: recompute it
+
+    def save(self, key, arrays):
+        if key is None:
+            return
+        directory = os.path.dirname(self._path(key, self.layers[0]))
+        os.makedirs(directory, exist_ok=True)
+        for layer, array in zip(self.layers, arrays):
+            handle, temporary = tempfile.mkstemp(dir=directory, suffix=".tmp")
+            with os.fdopen(handle, "wb") as file:
+                np.save(file, np.ascontiguousarray(array))
+            os.replace(temporary, self._path(key, layer))
 
 
 class PatchEmbedder(TransformerMixin, BaseEstimator):
@@ -82,6 +148,16 @@ class PatchEmbedder(TransformerMixin, BaseEstimator):
         Images per forward pass; bounds memory.
     verbose : int, default=0
         Print progress over batches to stderr when positive.
+    memory : str, path, joblib.Memory or None, default=None
+        Directory (or the location of a :class:`joblib.Memory`) where the
+        backbone's feature maps are cached, per image and layer, keyed by a
+        hash of the image's content and of the settings that determine them
+        (``backbone``, ``weights``, ``image_size``, ``crop_size``). An image
+        already seen under these settings is not run through the network
+        again, whatever the batch, fold or grid point it comes in, and
+        whatever ``pool_size``, ``upsample_mode`` or ``layers`` (among those
+        cached). None disables the cache. Files go to
+        ``<memory>/skpatch_features/`` and are never deleted by skpatch.
 
     Attributes
     ----------
@@ -97,7 +173,17 @@ class PatchEmbedder(TransformerMixin, BaseEstimator):
     The transformer is stateless: ``fit`` only validates the parameters and
     ``transform`` works without it. The network itself is built lazily and
     shared between clones with the same setting; it is never pickled, so a
-    saved pipeline holds parameters and NumPy statistics only.
+    saved pipeline holds parameters and NumPy statistics only. An embedder
+    saved with ``device="cuda"`` loads with ``device="cpu"`` (and a warning)
+    on a machine without CUDA.
+
+    With ``memory``, a grid search runs the network once per image and
+    distinct (``backbone``, ``weights``, ``image_size``, ``crop_size``), on
+    the training folds and the test folds alike; ``Pipeline(memory=...)``
+    caches only the ``fit_transform`` of training folds. The cache stores the
+    feature maps before pooling and upsampling: for the default
+    EfficientNet-Lite0 stages at 224 x 224, 128,576 floats (0.5 MB) per
+    image, a quarter of the embedding.
 
     Examples
     --------
@@ -120,6 +206,7 @@ class PatchEmbedder(TransformerMixin, BaseEstimator):
         "device": [str],
         "batch_size": [Interval(Integral, 1, None, closed="left")],
         "verbose": ["verbose"],
+        "memory": [None, str, os.PathLike, HasMethods(["cache"])],
     }
 
     def __init__(
@@ -135,6 +222,7 @@ class PatchEmbedder(TransformerMixin, BaseEstimator):
         device="auto",
         batch_size=32,
         verbose=0,
+        memory=None,
     ):
         self.backbone = backbone
         self.weights = weights
@@ -146,6 +234,11 @@ class PatchEmbedder(TransformerMixin, BaseEstimator):
         self.device = device
         self.batch_size = batch_size
         self.verbose = verbose
+        self.memory = memory
+
+    def __setstate__(self, state):
+        # An embedder saved with device="cuda" loads on a CPU-only machine.
+        super().__setstate__(cpu_fallback_state(state, type(self).__name__))
 
     def _resolve_layers(self):
         spec = get_backbone(self.backbone)
@@ -175,17 +268,71 @@ class PatchEmbedder(TransformerMixin, BaseEstimator):
         self.layers_ = self._resolve_layers()
         return self
 
-    def _extractor(self):
-        if not hasattr(self, "layers_"):
-            self._validate_params()
-        layers = tuple(self._resolve_layers())
-        device = resolve_device(self.device)
+    def _weights_and_stamp(self):
         weights = self.weights
         stamp = None
         if weights is not None and weights != "imagenet" and os.path.isfile(weights):
             weights = os.path.abspath(os.fspath(weights))
             stamp = os.path.getmtime(weights)
+        return weights, stamp
+
+    def _extractor(self):
+        if not hasattr(self, "layers_"):
+            self._validate_params()
+        layers = tuple(self._resolve_layers())
+        device = resolve_device(self.device)
+        weights, stamp = self._weights_and_stamp()
         return _cached_extractor(self.backbone, weights, stamp, layers, device), device
+
+    def _feature_cache(self, layers):
+        """The on-disk cache of feature maps for this setting, or None (see ``memory``)."""
+        if self.memory is None:
+            return None
+        memory = self.memory
+        memory = check_memory(os.fspath(memory) if isinstance(memory, os.PathLike) else memory)
+        location = getattr(memory, "location", None)
+        if location is None:
+            return None  # joblib.Memory(None): caching disabled
+        weights, stamp = self._weights_and_stamp()
+
+        def size(value):  # [224, 224] and (224, 224) are one setting
+            if value is None:
+                return None
+            return tuple(value) if isinstance(value, (list, tuple)) else int(value)
+
+        setting = (
+            _FEATURE_CACHE_VERSION,
+            self.backbone,
+            None if weights is None else os.fspath(weights),
+            stamp,
+            size(self.image_size),
+            size(self.crop_size),
+        )
+        root = os.path.join(os.fspath(location), "skpatch_features", joblib.hash(setting))
+        return _FeatureCache(root, layers)
+
+    def _features(self, X, batch, cache, spec):
+        """Feature maps of the images ``X[batch]``, from the cache where it has them."""
+        indices = np.arange(len(X))[batch]
+        keys = [_image_key(X[i]) for i in indices]
+        found = [cache.load(key) for key in keys]
+        missing = [j for j, arrays in enumerate(found) if arrays is None]
+        device = resolve_device(self.device)
+        if missing:
+            rows = indices[missing]
+            subset = X[rows] if isinstance(X, np.ndarray) else [X[i] for i in rows]
+            extractor, device = self._extractor()
+            images = load_batch(
+                subset, slice(None), self.image_size, self.crop_size, spec.mean, spec.std, device
+            )
+            computed = [to_numpy(f) for f in extractor(images)]
+            for row, j in enumerate(missing):
+                found[j] = [f[row] for f in computed]
+                cache.save(keys[j], found[j])
+        return [
+            torch.from_numpy(np.stack([arrays[k] for arrays in found])).to(device)
+            for k in range(len(cache.layers))
+        ]
 
     def _embed(self, features):
         """Pool, upsample to the largest map and concatenate (PaDiM §III-A)."""
@@ -224,15 +371,24 @@ class PatchEmbedder(TransformerMixin, BaseEstimator):
             float32 patch embeddings.
         """
         X, n_images = check_images(X)
-        extractor, device = self._extractor()
+        if not hasattr(self, "layers_"):
+            self._validate_params()
+        cache = self._feature_cache(self._resolve_layers())
         spec = get_backbone(self.backbone)
         batches = list(gen_batches(n_images, self.batch_size))
-        with torch.inference_mode():
+        advice = (f"Lower batch_size (now {self.batch_size}), or image_size / crop_size, "
+                  "or use device='cpu'.")
+        with torch.inference_mode(), oom_advice(f"{type(self).__name__}.transform", advice):
             for i, batch in enumerate(batches):
-                images = load_batch(
-                    X, batch, self.image_size, self.crop_size, spec.mean, spec.std, device
-                )
-                yield batch, self._embed(extractor(images))
+                if cache is None:
+                    extractor, device = self._extractor()
+                    images = load_batch(
+                        X, batch, self.image_size, self.crop_size, spec.mean, spec.std, device
+                    )
+                    features = extractor(images)
+                else:
+                    features = self._features(X, batch, cache, spec)
+                yield batch, self._embed(features)
                 if self.verbose:
                     print(
                         f"[PatchEmbedder] batch {i + 1}/{len(batches)} "

@@ -2,8 +2,10 @@
 
 Detection is scored per image (:func:`image_auroc`), localization per pixel
 (:func:`pixel_auroc`) and per defect region (:func:`pro_curve`,
-:func:`aupro`). :func:`image_auroc_scorer` plugs image AUROC into
-:class:`~sklearn.model_selection.GridSearchCV`.
+:func:`aupro`). :func:`image_auroc_scorer`, :func:`pixel_auroc_scorer` and
+:func:`aupro_scorer` plug them into
+:class:`~sklearn.model_selection.GridSearchCV`; the pixel scorers read the
+ground-truth masks from ``y`` built by :func:`make_targets`.
 
 Conventions
 -----------
@@ -29,10 +31,13 @@ from sklearn.metrics import roc_auc_score
 
 __all__ = [
     "aupro",
+    "aupro_scorer",
     "image_auroc",
     "image_auroc_scorer",
     "make_anomaly_scorer",
+    "make_targets",
     "pixel_auroc",
+    "pixel_auroc_scorer",
     "pro_curve",
 ]
 
@@ -412,11 +417,133 @@ def _anomaly_scores(estimator, X):
 
 
 def _check_scorer_y(y):
+    """Image labels of a scorer's ``y``: the labels, or the ``"label"`` field of targets."""
     if y is None:
         raise ValueError(
             "anomaly scorers need image labels y (0 = normal, 1 = anomalous): "
             "pass y to GridSearchCV.fit / cross_validate."
         )
+    return _target_labels(y)
+
+
+def _target_labels(y):
+    """Image labels of ``y``: itself, or the ``"label"`` field of :func:`make_targets` output."""
+    y = np.asarray(y)
+    if y.dtype.names is not None:
+        if "label" not in y.dtype.names:
+            raise ValueError(
+                f"structured y has fields {y.dtype.names}; build it with "
+                "skpatch.metrics.make_targets(labels, masks)."
+            )
+        return y["label"]
+    return y
+
+
+def _target_masks(y, scorer):
+    """Ground-truth masks ``(n, H, W)`` carried by ``y`` (see :func:`make_targets`)."""
+    y = np.asarray(y) if y is not None else None
+    if y is None or y.dtype.names is None or "mask" not in y.dtype.names:
+        raise ValueError(
+            f"{scorer} needs the ground-truth masks of the test images: pass "
+            "y = skpatch.metrics.make_targets(labels, masks) to GridSearchCV.fit / "
+            "cross_validate instead of the labels alone."
+        )
+    return y["mask"]
+
+
+def make_targets(labels=None, masks=None):
+    """Pack image labels and ground-truth masks into one ``y`` for cross-validation.
+
+    scikit-learn passes a single ``y`` through
+    :class:`~sklearn.model_selection.GridSearchCV` and indexes it with each
+    fold's indices. To let the pixel scorers (:func:`pixel_auroc_scorer`,
+    :func:`aupro_scorer`) see the masks of a test fold, pack labels and masks
+    into a 1-D NumPy structured array with one record per image: fields
+    ``"label"`` (int, 0 = normal, 1 = anomalous) and ``"mask"`` (bool
+    ``(H, W)``). Indexing it selects the images' labels and masks together,
+    and every skpatch scorer and splitter reads the labels from it; the
+    detectors ignore ``y``.
+
+    Parameters
+    ----------
+    labels : array-like of shape (n_images,) or None, default=None
+        Image labels, ``0`` = normal, ``1`` = anomalous (``bool`` accepted).
+        None derives them from the masks (an image is anomalous when its
+        mask has an anomalous pixel).
+    masks : array-like of shape (n_images, height, width) or None, default=None
+        Ground-truth masks, ``bool`` or ``0`` / ``1``, in the coordinates of
+        the anomaly maps (see Notes). None packs the labels alone.
+
+    Returns
+    -------
+    y : ndarray of shape (n_images,), structured
+        Records ``(label, mask)``; ``y["label"]`` and ``y["mask"]`` give the
+        arrays back.
+
+    Raises
+    ------
+    ValueError
+        If neither is given, the lengths differ, the values are not 0 / 1,
+        or an image labelled normal has anomalous pixels.
+
+    See Also
+    --------
+    pixel_auroc_scorer : Pixel AUROC from ``y`` built here.
+    skpatch.model_selection.OneClassKFold : Splits on the labels of ``y``.
+
+    Notes
+    -----
+    The anomaly maps of a detector are ``map_size`` pixels and cover the
+    image the embedder saw, after its resize and center crop. The masks
+    must be in the same coordinates: with ``crop_size=None``, resize the
+    masks (nearest neighbour) to ``map_size``, as
+    :func:`skpatch.datasets.load_mvtec` does with ``image_size``; with a crop,
+    crop them the same way. The scorers refuse masks whose size differs
+    from the maps'.
+
+    The masks are stored in full (one byte per pixel): for 1,000 images of
+    224 x 224, 50 MB, which ``GridSearchCV`` slices per fold and
+    ``Pipeline(memory=...)`` hashes along with the training images.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from skpatch.metrics import make_targets
+    >>> masks = np.zeros((3, 4, 4), dtype=bool)
+    >>> masks[2, 1:3, 1:3] = True
+    >>> y = make_targets(masks=masks)
+    >>> y["label"]
+    array([0, 0, 1])
+    >>> y[[0, 2]]["mask"].shape
+    (2, 4, 4)
+    """
+    if labels is None and masks is None:
+        raise ValueError("make_targets needs labels, masks or both.")
+    if masks is None:
+        labels = _check_labels(labels, name="labels", require_both=False)
+        return np.rec.fromarrays([labels], names="label").view(np.ndarray)
+    masks = np.asarray(masks)
+    if masks.ndim != 3:
+        raise ValueError(f"masks must be (n_images, height, width), got shape {masks.shape}.")
+    masks, _ = _check_masks_and_maps(masks, np.zeros(masks.shape, dtype=np.float32))
+    has_defect = masks.any(axis=(1, 2))
+    if labels is None:
+        labels = has_defect.astype(np.int64)
+    labels = _check_labels(labels, name="labels", require_both=False)
+    if len(labels) != len(masks):
+        raise ValueError(
+            f"labels and masks must have the same length, got {len(labels)} and {len(masks)}."
+        )
+    inconsistent = np.flatnonzero(has_defect & (labels == 0))
+    if inconsistent.size:
+        raise ValueError(
+            f"images {inconsistent[:5].tolist()} are labelled normal (0) but their masks "
+            "have anomalous pixels."
+        )
+    y = np.empty(len(labels), dtype=[("label", np.int64), ("mask", bool, masks.shape[1:])])
+    y["label"] = labels
+    y["mask"] = masks
+    return y
 
 
 def image_auroc_scorer(estimator, X, y):
@@ -438,7 +565,8 @@ def image_auroc_scorer(estimator, X, y):
         Test samples, whatever ``estimator.score_samples`` accepts.
 
     y : array-like of shape (n_samples,)
-        Labels ``0`` = normal, ``1`` = anomalous (``+1`` / ``-1`` refused).
+        Labels ``0`` = normal, ``1`` = anomalous (``+1`` / ``-1`` refused),
+        or the output of :func:`make_targets` (its labels are used).
 
     Returns
     -------
@@ -471,8 +599,152 @@ def image_auroc_scorer(estimator, X, y):
     >>> image_auroc_scorer(detector, X_test, y_test)
     1.0
     """
-    _check_scorer_y(y)
+    y = _check_scorer_y(y)
     return image_auroc(y, _anomaly_scores(estimator, X))
+
+
+def _anomaly_maps(estimator, X, masks, scorer):
+    """Anomaly maps of ``X`` from a fitted detector or pipeline, checked against ``masks``."""
+    from ._compose import anomaly_map  # estimator plumbing; metrics stay importable alone
+
+    maps = anomaly_map(estimator, X)
+    if maps.shape[1:] != masks.shape[1:]:
+        raise ValueError(
+            f"{scorer}: the anomaly maps are {maps.shape[1]}x{maps.shape[2]} but the masks "
+            f"are {masks.shape[1]}x{masks.shape[2]}; set the detector's map_size to the "
+            "masks' size and bring the masks to the embedder's geometry (resize and crop "
+            "them as the images are), see skpatch.metrics.make_targets."
+        )
+    return maps
+
+
+def pixel_auroc_scorer(estimator, X, y):
+    """Pixel AUROC of a fitted detector or pipeline, as a scikit-learn scorer.
+
+    A scorer callable ``scorer(estimator, X, y)`` for ``scoring=`` in
+    :class:`~sklearn.model_selection.GridSearchCV` or ``cross_validate``.
+    The anomaly maps come from :func:`skpatch.anomaly_map` (so the estimator
+    is a skpatch detector, or a :class:`~sklearn.pipeline.Pipeline` ending in
+    one), and the masks from ``y``, which must be built by
+    :func:`make_targets`: scikit-learn slices ``y`` with each test fold's
+    indices, so the masks of the fold arrive with it.
+
+    Parameters
+    ----------
+    estimator : fitted detector or Pipeline
+        Its last step has an ``anomaly_map`` method.
+
+    X : array-like
+        Test images (or embeddings for a bare detector).
+
+    y : ndarray of shape (n_samples,), structured
+        Labels and masks from :func:`make_targets`.
+
+    Returns
+    -------
+    score : float
+        :func:`pixel_auroc` of the masks and the maps; greater is better.
+
+    See Also
+    --------
+    aupro_scorer : The region-balanced localization scorer.
+    make_anomaly_scorer : Several metrics from one computation of the maps.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from skpatch import PaDiMDetector
+    >>> from skpatch.metrics import make_targets, pixel_auroc_scorer
+    >>> rng = np.random.RandomState(0)
+    >>> X = rng.normal(size=(30, 4, 3, 3))
+    >>> test = rng.normal(size=(4, 4, 3, 3))
+    >>> test[3, :, 0, 0] += 20  # a defect in the corner of the last image
+    >>> masks = np.zeros((4, 3, 3), dtype=bool)
+    >>> masks[3, 0, 0] = True
+    >>> detector = PaDiMDetector(map_size=None, sigma=0).fit(X)
+    >>> pixel_auroc_scorer(detector, test, make_targets(masks=masks))
+    1.0
+    """
+    labels = _check_scorer_y(y)
+    _check_labels(labels, name="y", require_both=False)
+    masks = _target_masks(y, "pixel_auroc_scorer")
+    return pixel_auroc(masks, _anomaly_maps(estimator, X, masks, "pixel_auroc_scorer"))
+
+
+def aupro_scorer(estimator, X, y):
+    """AUPRO (up to a false positive rate of 0.3) of a fitted detector, as a scorer.
+
+    As :func:`pixel_auroc_scorer`, with :func:`aupro` (``fpr_limit=0.3``,
+    8-connected regions, the MVTec AD convention) as the metric.
+
+    Parameters
+    ----------
+    estimator : fitted detector or Pipeline
+        Its last step has an ``anomaly_map`` method.
+
+    X : array-like
+        Test images (or embeddings for a bare detector).
+
+    y : ndarray of shape (n_samples,), structured
+        Labels and masks from :func:`make_targets`.
+
+    Returns
+    -------
+    score : float
+        :func:`aupro` of the masks and the maps; greater is better.
+
+    See Also
+    --------
+    pixel_auroc_scorer : The pixel-weighted localization scorer.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from skpatch import PaDiMDetector
+    >>> from skpatch.metrics import aupro_scorer, make_targets
+    >>> rng = np.random.RandomState(0)
+    >>> X = rng.normal(size=(30, 4, 3, 3))
+    >>> test = rng.normal(size=(4, 4, 3, 3))
+    >>> test[3, :, 0, 0] += 20
+    >>> masks = np.zeros((4, 3, 3), dtype=bool)
+    >>> masks[3, 0, 0] = True
+    >>> detector = PaDiMDetector(map_size=None, sigma=0).fit(X)
+    >>> aupro_scorer(detector, test, make_targets(masks=masks))
+    1.0
+    """
+    labels = _check_scorer_y(y)
+    _check_labels(labels, name="y", require_both=False)
+    masks = _target_masks(y, "aupro_scorer")
+    return aupro(masks, _anomaly_maps(estimator, X, masks, "aupro_scorer"))
+
+
+_IMAGE_METRICS = {"image_auroc": image_auroc}
+_PIXEL_METRICS = {"pixel_auroc": pixel_auroc, "aupro": aupro}
+
+
+class _MultiMetricScorer:
+    """Scorer returning ``{name: value}``, from one image scoring and one map computation."""
+
+    def __init__(self, names):
+        self._names = tuple(names)
+
+    def __call__(self, estimator, X, y):
+        labels = _check_scorer_y(y)
+        results = {}
+        if any(name in _IMAGE_METRICS for name in self._names):
+            scores = _anomaly_scores(estimator, X)
+        if any(name in _PIXEL_METRICS for name in self._names):
+            masks = _target_masks(y, "make_anomaly_scorer")
+            maps = _anomaly_maps(estimator, X, masks, "make_anomaly_scorer")
+        for name in self._names:
+            if name in _IMAGE_METRICS:
+                results[name] = _IMAGE_METRICS[name](labels, scores)
+            else:
+                results[name] = _PIXEL_METRICS[name](masks, maps)
+        return results
+
+    def __repr__(self):
+        return f"make_anomaly_scorer({list(self._names)!r})"
 
 
 class _AnomalyScorer:
@@ -482,7 +754,7 @@ class _AnomalyScorer:
         self._metric = metric
 
     def __call__(self, estimator, X, y):
-        _check_scorer_y(y)
+        y = _check_scorer_y(y)
         y = _check_labels(y, name="y", require_both=False)
         scores = _check_scores(y, _anomaly_scores(estimator, X), name="-score_samples(X)")
         return float(self._metric(y, scores))
@@ -491,8 +763,15 @@ class _AnomalyScorer:
         return f"make_anomaly_scorer({getattr(self._metric, '__name__', self._metric)!s})"
 
 
+_NAMED_SCORERS = {
+    "image_auroc": image_auroc_scorer,
+    "pixel_auroc": pixel_auroc_scorer,
+    "aupro": aupro_scorer,
+}
+
+
 def make_anomaly_scorer(metric="image_auroc"):
-    """Make a scorer that evaluates an outlier detector on anomaly scores.
+    """Make a scorer that evaluates an outlier detector on anomaly scores or maps.
 
     The scorer computes anomaly scores as ``-estimator.score_samples(X)``
     (higher = more anomalous), checks that ``y`` uses skpatch's labels
@@ -500,8 +779,14 @@ def make_anomaly_scorer(metric="image_auroc"):
 
     Parameters
     ----------
-    metric : "image_auroc" or callable, default="image_auroc"
-        ``"image_auroc"`` returns :func:`image_auroc_scorer`. A callable
+    metric : str, list of str or callable, default="image_auroc"
+        ``"image_auroc"``, ``"pixel_auroc"`` or ``"aupro"`` return
+        :func:`image_auroc_scorer`, :func:`pixel_auroc_scorer` or
+        :func:`aupro_scorer`. A list of these names returns one scorer that
+        gives a dict ``{name: value}`` (scikit-learn's multi-metric scoring
+        callable), computing the image scores and the maps once per fold
+        instead of once per metric; pass ``refit=False`` or a name as
+        ``refit`` of ``GridSearchCV``. A callable
         ``metric(y_true, anomaly_scores) -> float``, greater is better, with
         anomalies as the positive class (e.g.
         :func:`sklearn.metrics.average_precision_score`).
@@ -509,12 +794,13 @@ def make_anomaly_scorer(metric="image_auroc"):
     Returns
     -------
     scorer : callable
-        ``scorer(estimator, X, y) -> float``, usable as ``scoring=`` in
-        :class:`~sklearn.model_selection.GridSearchCV`.
+        ``scorer(estimator, X, y) -> float`` (or ``-> dict`` for a list),
+        usable as ``scoring=`` in :class:`~sklearn.model_selection.GridSearchCV`.
 
     See Also
     --------
     image_auroc_scorer : The image AUROC scorer.
+    make_targets : The ``y`` that the pixel metrics need.
 
     Examples
     --------
@@ -522,11 +808,26 @@ def make_anomaly_scorer(metric="image_auroc"):
     >>> from skpatch.metrics import make_anomaly_scorer
     >>> make_anomaly_scorer(average_precision_score)
     make_anomaly_scorer(average_precision_score)
+    >>> make_anomaly_scorer(["image_auroc", "aupro"])
+    make_anomaly_scorer(['image_auroc', 'aupro'])
     """
+    names = ", ".join(repr(name) for name in _NAMED_SCORERS)
     if isinstance(metric, str):
-        if metric == "image_auroc":
-            return image_auroc_scorer
-        raise ValueError(f"metric must be 'image_auroc' or a callable, got {metric!r}.")
+        if metric in _NAMED_SCORERS:
+            return _NAMED_SCORERS[metric]
+        raise ValueError(
+            f"metric must be one of {names}, a list of them or a callable, got {metric!r}."
+        )
+    if isinstance(metric, (list, tuple)):
+        unknown = [name for name in metric if name not in _NAMED_SCORERS]
+        if unknown or not metric or len(set(metric)) != len(metric):
+            raise ValueError(
+                f"a list of metrics must hold distinct names among {names}, got {list(metric)!r}."
+            )
+        return _MultiMetricScorer(metric)
     if callable(metric):
         return _AnomalyScorer(metric)
-    raise TypeError(f"metric must be 'image_auroc' or a callable, got {type(metric).__name__}.")
+    raise TypeError(
+        f"metric must be one of {names}, a list of them or a callable, "
+        f"got {type(metric).__name__}."
+    )
