@@ -1,6 +1,9 @@
+import pickle
+
 import joblib
 import numpy as np
 import pytest
+from numpy.testing import assert_allclose
 from sklearn.pipeline import make_pipeline
 from sklearn.utils.estimator_checks import parametrize_with_checks
 
@@ -211,3 +214,20 @@ def test_image_size_mismatch_between_fit_and_predict(images):
     ).fit(images)
     with pytest.raises(ValueError, match="grid of patches"):
         pipe.score_samples(np.zeros((2, 64, 64), np.uint8))
+
+
+def test_streamed_offset_matches_fit():
+    # offset_ after partial_fit comes from images scored by the final model,
+    # not by the small early models (which would inflate the threshold).
+    rng = np.random.RandomState(0)
+    X = rng.normal(size=(200, 8, 4, 4)).astype(np.float32)
+    full = PaDiMDetector(random_state=0, map_size=None).fit(X)
+    streamed = PaDiMDetector(random_state=0, map_size=None)
+    for start in range(0, len(X), 5):
+        streamed.partial_fit(X[start : start + 5])
+    assert abs(streamed.offset_ - full.offset_) < 0.05 * abs(full.offset_)
+    # The sample is kept once, not pickled; the saved detector keeps offset_.
+    restored = pickle.loads(pickle.dumps(streamed))
+    assert restored.offset_ == streamed.offset_
+    assert not hasattr(restored, "_calibration_sample")
+    assert_allclose(restored.decision_function(X[:5]), streamed.decision_function(X[:5]))

@@ -1,12 +1,20 @@
 """PaDiM: one Gaussian per patch position (Defard et al., 2021)."""
 
+import warnings
+
 import numpy as np
 import torch
 from sklearn.base import _fit_context
+from sklearn.utils import check_random_state
 
 from .. import _gaussian
 from .._torch_utils import as_tensor, resolve_device, to_numpy
+from ..exceptions import DegenerateTrainingSetWarning
 from ._base import BaseGaussianDetector
+
+# Training images kept by partial_fit to calibrate offset_ (selected channels
+# only: 40 MB for a 56 x 56 grid of 100 channels).
+_CALIBRATION_SIZE = 32
 
 
 class PaDiMDetector(BaseGaussianDetector):
@@ -68,7 +76,9 @@ class PaDiMDetector(BaseGaussianDetector):
         Scatter matrix about the mean per position, ``Σ_k (x_k-μ)(x_k-μ)ᵀ``
         (kept so that :meth:`partial_fit` can continue).
     precision_cholesky_ : ndarray of shape (h * w, n_selected, n_selected)
-        Upper-triangular ``U`` with ``Σ⁻¹ = U Uᵀ`` per position.
+        Upper-triangular ``U`` with ``Σ⁻¹ = U Uᵀ`` per position. Not
+        stored in saved files (it would double their size): it is computed
+        again from ``scatter_`` on first use after loading.
     offset_ : float
         Threshold on ``score_samples``; ``decision_function = score_samples - offset_``.
     grid_shape_ : tuple of int
@@ -91,11 +101,17 @@ class PaDiMDetector(BaseGaussianDetector):
     instead of ``ε``). The image score of the left-out image then follows
     as usual (map, blur, max).
 
-    With :meth:`partial_fit`, ``offset_`` is the ``contamination`` quantile
-    of the scores of every image seen, each batch scored by the model as it
-    was after that batch (leave-one-out when ``calibration`` says so;
-    in-sample while fewer than 3 images have been seen, and a first batch of
-    one image is not scored).
+    With :meth:`partial_fit`, scoring every image seen would need them all
+    again, and scoring each batch with the model of its time would set
+    ``offset_`` far too high (the early, small-sample models give large
+    distances). So :meth:`partial_fit` keeps a uniform reservoir sample of
+    at most 32 of the images seen (selected channels only, seeded by
+    ``random_state``), and ``offset_`` is the ``contamination`` quantile of
+    their scores under the final model (leave-one-out when ``calibration``
+    says so; in-sample while fewer than 3 images have been seen), computed
+    on first use. A saved detector stores ``offset_``, not the sample; a
+    :meth:`partial_fit` after loading (or after :meth:`fit`) calibrates on
+    a sample of the images it is given from then on.
 
     References
     ----------
@@ -187,7 +203,8 @@ class PaDiMDetector(BaseGaussianDetector):
         """
         X = self._validate_embeddings(X, reset=True)
         self._check_n_samples(len(X), 2, type(self).__name__)
-        for attribute in ("n_samples_seen_", "precision_cholesky_", "_train_scores"):
+        for attribute in ("n_samples_seen_", "precision_cholesky_", "_train_scores",
+                          "_calibration_sample", "_n_offered"):
             self.__dict__.pop(attribute, None)
         self.feature_indices_ = self._select_features(X.shape[1])
         device = resolve_device(self.device)
@@ -202,7 +219,9 @@ class PaDiMDetector(BaseGaussianDetector):
         """Add a batch of normal images to the running statistics.
 
         Streaming: memory does not depend on the number of images seen, and
-        the final model equals :meth:`fit` on all images at once.
+        the final model equals :meth:`fit` on all images at once. ``offset_``
+        is set on first use from a uniform sample of the images seen (see
+        Notes).
 
         Parameters
         ----------
@@ -220,14 +239,81 @@ class PaDiMDetector(BaseGaussianDetector):
         X = self._validate_embeddings(X, reset=first)
         if first:
             self.feature_indices_ = self._select_features(X.shape[1])
-            self._train_scores = np.empty(0, dtype=X.dtype)
         with torch.inference_mode():
-            training_scorer = self._update(X, resolve_device(self.device))
-            if training_scorer is not None:
-                scores = self._anomaly_scores(X, training_scorer)
-                self._train_scores = np.concatenate([self._train_scores, scores])
-                self._set_offset(self._train_scores)
+            self._update(X, resolve_device(self.device))
+        self._sample_for_calibration(X)
+        # The model changed: offset_ is recomputed on first use (__getattr__).
+        self.__dict__.pop("offset_", None)
+        self.__dict__.pop("_train_scores", None)
         return self
+
+    def _sample_for_calibration(self, X):
+        """Reservoir sampling (Vitter's algorithm R) of the streamed images.
+
+        Keeps a uniform sample of at most ``_CALIBRATION_SIZE`` of the images
+        passed to :meth:`partial_fit`, selected channels only, for ``offset_``.
+        """
+        sample = self.__dict__.get("_calibration_sample")
+        n_offered = self.__dict__.get("_n_offered", 0)
+        seed = check_random_state(self.random_state).randint(2**31)
+        rng = np.random.default_rng([seed, n_offered])  # reproducible across calls
+        X = X[:, self.feature_indices_]
+        if sample is None:
+            sample = np.empty((0, *X.shape[1:]), dtype=X.dtype)
+        n_free = max(0, _CALIBRATION_SIZE - len(sample))
+        sample = np.concatenate([sample, X[:n_free]])
+        for i in range(n_free, len(X)):  # one draw per image, not per patch
+            slot = rng.integers(n_offered + i + 1)
+            if slot < _CALIBRATION_SIZE:
+                sample[slot] = X[i]
+        self._calibration_sample = sample
+        self._n_offered = n_offered + len(X)
+
+    def _calibrate_on_sample(self):
+        """``offset_`` from the calibration sample, scored by the current model."""
+        sample = self._calibration_sample
+        count = self.n_samples_seen_
+        if count < 2:
+            self._check_n_samples(count, 2, type(self).__name__)
+        device = resolve_device(self.device)
+        with torch.inference_mode():
+            center = as_tensor(self.mean_, device)
+            prec_chol = as_tensor(self.precision_cholesky_, device)
+            loo = count if self.calibration == "leave-one-out" and count >= 3 else None
+            scorer = self._patch_scorer(center, prec_chol, loo, selected=True)
+            self._train_scores = self._anomaly_scores(sample, scorer)
+        self._set_offset(self._train_scores)
+
+    def __getattr__(self, name):
+        # Called only for attributes not set. offset_ after partial_fit is
+        # computed once, when first needed, so that every sampled image is
+        # scored by the final model; precision_cholesky_ is not saved (it
+        # doubles the file) and is computed again on first use after loading.
+        state = self.__dict__
+        if name in ("offset_", "_train_scores") and "_calibration_sample" in state:
+            self._calibrate_on_sample()
+            return state[name]
+        if name == "precision_cholesky_" and state.get("n_samples_seen_", 0) >= 2:
+            moments = (self.n_samples_seen_, torch.from_numpy(self.mean_),
+                       torch.from_numpy(self.scatter_))
+            with torch.inference_mode(), warnings.catch_warnings():
+                warnings.simplefilter("ignore", DegenerateTrainingSetWarning)  # warned at fit
+                self.precision_cholesky_ = to_numpy(self._whitening(moments)[1])
+            return state[name]
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+
+    def __getstate__(self):
+        state = super().__getstate__()
+        if "scatter_" in state:
+            state.pop("precision_cholesky_", None)
+        if "_calibration_sample" in state:
+            # Save offset_ (computed now), not the sample: the file stays small;
+            # a later partial_fit starts a new sample from its own images.
+            state["offset_"] = self.offset_
+            state["_train_scores"] = self._train_scores
+            for key in ("_calibration_sample", "_n_offered"):
+                state.pop(key, None)
+        return state
 
     def _check_scorable(self):
         super()._check_scorable()
