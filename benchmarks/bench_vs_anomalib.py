@@ -10,8 +10,8 @@ fresh processes so that "peak MB" is each run's own peak resident memory:
 * PatchCore: layers stage2/4 (anomalib: blocks.2/4), 3x3 average pooling,
   coreset + nearest neighbour, 9-neighbour re-weighted image score. anomalib
   runs with its harness defaults (a 100k-patch random store, 5 % coreset:
-  5,000 centres); skpatch with :func:`skpatch.make_patchcore_pipeline`'s
-  defaults (see the table's "bank" column).
+  5,000 centres); skpatch with the same setting (``max_patches=100_000,
+  coreset_ratio=0.05``) of :func:`skpatch.make_patchcore_pipeline`.
 
 anomalib runs in its own virtual environment (``../shared/bench/README.md``)::
 
@@ -161,7 +161,8 @@ def main(argv=None):
     rows = []
     for dataset in args.datasets:
         for model in args.models:
-            ours = _in_fresh_process(run_skpatch, model, dataset, args.threads, args.limit, {})
+            ours = _in_fresh_process(run_skpatch, model, dataset, args.threads, args.limit,
+                                     {"max_patches": 100_000, "coreset_ratio": 0.05})
             if args.anomalib_results:
                 peer = read_anomalib(results, model, dataset)
             elif args.skpatch_only:

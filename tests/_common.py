@@ -17,4 +17,8 @@ def expected_failed_checks(estimator):
 FAST_PARAMS = {
     "PaDiMDetector": {"random_state": 0},
     "RobustPaDiMDetector": {"random_state": 0},
+    "PatchCoreDetector": {"random_state": 0},
+    "SPADEDetector": {"n_neighbors": 5},
+    "NPadDetector": {"n_features": None, "kmeans_max_samples": 500, "random_state": 0},
+    "PNIDetector": {"n_dist": 16, "mlp_width": 32, "n_epochs": 2, "random_state": 0},
 }

@@ -10,7 +10,9 @@ import skpatch  # noqa: E402
 import skpatch.backbones  # noqa: E402
 import skpatch.cli  # noqa: E402
 import skpatch.datasets  # noqa: E402
+import skpatch.exceptions  # noqa: E402
 import skpatch.metrics  # noqa: E402
+import skpatch.model_selection  # noqa: E402
 import skpatch.plotting  # noqa: E402
 
 # Checks we do not enforce: See Also / Examples / extended summary on every
@@ -21,7 +23,8 @@ IGNORED = {"SA01", "EX01", "ES01", "GL08", "SA04", "RT02", "RT05", "PR02", "GL02
 
 def _public_objects():
     for module in (skpatch, skpatch.metrics, skpatch.datasets, skpatch.backbones,
-                   skpatch.plotting, skpatch.cli):
+                   skpatch.plotting, skpatch.cli, skpatch.model_selection,
+                   skpatch.exceptions):
         for name in module.__all__:
             obj = getattr(module, name)
             if not callable(obj) or isinstance(obj, type(skpatch)):
