@@ -1,0 +1,294 @@
+"""Every skpatch detector on ELPV mono / poly and the synthetic-defect pixel set.
+
+One table: image AUROC, pixel AUROC and AUPRO (synthetic set only: ELPV has
+no masks), fit seconds, predict milliseconds per image, the ratios of fit
+and predict time to the backbone's forward passes over the same images, and
+peak resident memory. Each (detector, data set) runs in a fresh process, so
+that "peak MB" is that run's own peak (torch and the network included)::
+
+    python benchmarks/run.py                       # full table, writes doc/benchmarks.rst
+    python benchmarks/run.py --quick               # 40 training images per data set
+    python benchmarks/run.py --detectors padim patchcore --datasets mono
+
+Every detector uses its recommended pipeline (``make_*_pipeline``) on
+EfficientNet-Lite0 ImageNet weights with ``image_size=224, crop_size=None``
+(the cell fills the picture). "forward" is the embedder alone
+(preprocessing, backbone, layer concatenation) over the same images with the
+same batch size; a detector that embeds each image several times (N-pad's
+image shifting) is compared with as many forward passes, counted by a hook
+on the backbone. Data sets: see ``benchmarks/_data.py``.
+"""
+
+import argparse
+import datetime
+import multiprocessing as mp
+import os
+import platform
+import resource
+import sys
+import time
+
+import numpy as np
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+
+EMBEDDER = {"image_size": 224, "crop_size": None}
+SEED = 0
+
+
+def _padim():
+    from sklearn.pipeline import make_pipeline
+
+    from skpatch import PaDiMDetector, PatchEmbedder
+
+    return make_pipeline(
+        PatchEmbedder(**EMBEDDER), PaDiMDetector(n_features=100, random_state=SEED)
+    )
+
+
+def _rpadim():
+    from skpatch import make_rpadim_pipeline
+
+    return make_rpadim_pipeline(embedder_params=EMBEDDER, n_features=100, random_state=SEED)
+
+
+def _npad():
+    from skpatch import make_npad_pipeline
+
+    return make_npad_pipeline(embedder_params=EMBEDDER, random_state=SEED)
+
+
+def _npad_unshifted():
+    from skpatch import make_npad_pipeline
+
+    return make_npad_pipeline(max_shift=0, embedder_params=EMBEDDER, random_state=SEED)
+
+
+def _patchcore():
+    from skpatch import make_patchcore_pipeline
+
+    return make_patchcore_pipeline(embedder_params=EMBEDDER, random_state=SEED)
+
+
+def _spade():
+    from skpatch import make_spade_pipeline
+
+    return make_spade_pipeline(embedder_params=EMBEDDER)
+
+
+def _pni():
+    from skpatch import make_pni_pipeline
+
+    return make_pni_pipeline(embedder_params=EMBEDDER, random_state=SEED)
+
+
+# name -> (label, pipeline factory); the order of the table.
+DETECTORS = {
+    "padim": ("PaDiM", _padim),
+    "rpadim": ("RPaDiM", _rpadim),
+    "npad": ("N-pad (r=4)", _npad),
+    "npad0": ("N-pad, no shifting", _npad_unshifted),
+    "patchcore": ("PatchCore", _patchcore),
+    "spade": ("SPADE", _spade),
+    "pni": ("PNI", _pni),
+}
+
+
+def _peak_mb():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+class _ForwardCounter:
+    """Counts the images that go through the backbone (a forward pre-hook)."""
+
+    def __init__(self):
+        self.n_images = 0
+
+    def __call__(self, module, args):
+        self.n_images += len(args[0])
+
+
+def _embedders(estimator):
+    """Every PatchEmbedder inside a (meta-)estimator."""
+    from skpatch import PatchEmbedder
+
+    found = []
+
+    def visit(obj):
+        if isinstance(obj, PatchEmbedder):
+            found.append(obj)
+        elif hasattr(obj, "get_params"):
+            for value in obj.get_params(deep=False).values():
+                visit(value)
+        elif isinstance(obj, (list, tuple)):
+            for value in obj:
+                visit(value)
+
+    visit(estimator)
+    return found
+
+
+def run(detector, dataset, threads, limit):
+    """Fit and score one detector on one data set (in a fresh process)."""
+    import torch
+
+    import _data
+    from skpatch import anomaly_map
+    from skpatch.metrics import aupro, image_auroc, pixel_auroc
+
+    torch.set_num_threads(threads)
+    X_train, X_test, y_test, masks = _data.load(dataset, limit)
+    label, factory = DETECTORS[detector]
+    pipe = factory()
+    embedder = _embedders(pipe)[0]
+    embedder.transform(X_train[:2])  # build the network outside the timings
+    counter = _ForwardCounter()
+    hook = embedder._extractor()[0].register_forward_pre_hook(counter)
+
+    start = time.perf_counter()
+    for _ in embedder.iter_tensors(X_test):
+        pass
+    forward_per_image = (time.perf_counter() - start) / len(X_test)
+
+    counter.n_images = 0
+    start = time.perf_counter()
+    pipe.fit(X_train)
+    fit = time.perf_counter() - start
+    fit_forwards = counter.n_images
+
+    counter.n_images = 0
+    start = time.perf_counter()
+    scores = -pipe.score_samples(X_test)
+    predict = time.perf_counter() - start
+    predict_forwards = counter.n_images
+    row = {
+        "detector": label,
+        "data": _data.NAMES[dataset],
+        "n_train": len(X_train),
+        "n_test": len(X_test),
+        "image_auroc": image_auroc(y_test, scores),
+        "fit_s": fit,
+        "fit_ratio": fit / (fit_forwards * forward_per_image),
+        "predict_ms": 1000 * predict / len(X_test),
+        "predict_ratio": predict / (predict_forwards * forward_per_image),
+        "forwards_per_image": predict_forwards / len(X_test),
+    }
+    if masks is not None:
+        maps = anomaly_map(pipe, X_test)
+        row["pixel_auroc"] = pixel_auroc(masks, maps)
+        row["aupro"] = aupro(masks, maps)
+    hook.remove()
+    row["peak_mb"] = _peak_mb()
+    return row
+
+
+def _in_fresh_process(function, *args):
+    with mp.get_context("spawn").Pool(1) as pool:
+        return pool.apply(function, args)
+
+
+def _fmt(row, key, spec):
+    return format(row[key], spec) if key in row else "-"
+
+
+COLUMNS = [
+    ("detector", "detector", "s"),
+    ("data", "data", "s"),
+    ("image AUROC", "image_auroc", ".3f"),
+    ("pixel AUROC", "pixel_auroc", ".3f"),
+    ("AUPRO", "aupro", ".3f"),
+    ("fit s", "fit_s", ".1f"),
+    ("fit / forward", "fit_ratio", ".2f"),
+    ("predict ms/img", "predict_ms", ".1f"),
+    ("predict / forward", "predict_ratio", ".2f"),
+    ("peak MB", "peak_mb", ".0f"),
+]
+
+
+def markdown_table(rows):
+    lines = ["| " + " | ".join(title for title, _, _ in COLUMNS) + " |",
+             "|---" * len(COLUMNS) + "|"]
+    for row in rows:
+        lines.append("| " + " | ".join(_fmt(row, key, spec) for _, key, spec in COLUMNS) + " |")
+    return "\n".join(lines)
+
+
+def rst_page(rows, command, threads):
+    """The docs' benchmark page (doc/benchmarks.rst)."""
+    import torch
+
+    header = "   * - " + "\n     - ".join(title for title, _, _ in COLUMNS)
+    body = "\n".join(
+        "   * - " + "\n     - ".join(_fmt(row, key, spec) for _, key, spec in COLUMNS)
+        for row in rows
+    )
+    sizes = sorted({(r["data"], r["n_train"], r["n_test"]) for r in rows})
+    size_lines = "\n".join(f"* {data}: {n_train} training / {n_test} test images."
+                           for data, n_train, n_test in sizes)
+    return f""".. _benchmarks:
+
+==========
+Benchmarks
+==========
+
+.. This page is written by benchmarks/run.py: edit that script, not this file.
+
+Every detector with its recommended pipeline on EfficientNet-Lite0 ImageNet
+weights (``image_size=224, crop_size=None``), measured on
+{datetime.date.today().isoformat()} with::
+
+    {command}
+
+on {platform.processor() or platform.machine()}, {os.cpu_count()} cores,
+{threads} torch threads, torch {torch.__version__}, no GPU. Each row runs in a
+fresh process; "peak MB" is that process's peak resident memory. "forward"
+is the embedder alone over the same images and batch size: "predict /
+forward" is the cost of ``score_samples`` relative to the backbone's forward
+passes (the floor of the job), per forward pass for a detector that embeds
+each image several times.
+
+{size_lines}
+
+Pixel AUROC and AUPRO (integrated up to a false-positive rate of 0.3) need
+masks, which only the synthetic set has. The data sets are defined in
+``benchmarks/_data.py``; per-detector studies (ablations, contamination,
+side by side with anomalib) are the other scripts of ``benchmarks/``.
+
+.. list-table::
+   :header-rows: 1
+
+{header}
+{body}
+"""
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--detectors", nargs="+", default=list(DETECTORS), choices=list(DETECTORS))
+    parser.add_argument("--datasets", nargs="+", default=["mono", "poly", "synthetic"],
+                        choices=["mono", "poly", "synthetic"])
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--quick", action="store_true",
+                        help="40 training images per data set (the doc page says so)")
+    parser.add_argument("--doc", default=os.path.join(HERE, "..", "doc", "benchmarks.rst"),
+                        help="where to write the docs' page ('' for none)")
+    args = parser.parse_args(argv)
+    limit = 40 if args.quick else None
+
+    rows = []
+    for dataset in args.datasets:
+        for detector in args.detectors:
+            rows.append(_in_fresh_process(run, detector, dataset, args.threads, limit))
+            print(markdown_table(rows[-1:]).splitlines()[-1], flush=True)
+    print()
+    print(markdown_table(rows))
+    if args.doc:
+        command = "python benchmarks/run.py " + " ".join(argv if argv is not None else sys.argv[1:])
+        with open(args.doc, "w") as f:
+            f.write(rst_page(rows, command.strip(), args.threads))
+        print(f"\nwrote {os.path.normpath(args.doc)}")
+
+
+if __name__ == "__main__":
+    main()
