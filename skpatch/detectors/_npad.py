@@ -119,7 +119,7 @@ class NPadDetector(BaseGaussianDetector):
     ----------
     feature_indices_ : ndarray of shape (n_selected,)
         Channels kept (sorted).
-    nonzero_counts_ : ndarray of shape (n_features_in_,)
+    nonzero_counts_ : ndarray of shape (n_channels,)
         Nonzero training values per channel (``"least-nonzero"`` only).
     neighbor_weights_ : ndarray of shape (h, w, K)
         Normalized similarities ``m'`` of every position to the ``K``

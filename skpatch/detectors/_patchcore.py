@@ -109,7 +109,7 @@ class PatchCoreDetector(BasePatchDetector):
 
     Attributes
     ----------
-    memory_bank_ : ndarray of shape (n_memory, n_features_in_)
+    memory_bank_ : ndarray of shape (n_memory, n_channels)
         The coreset, float32, in pick order (its first ``k`` rows are the
         greedy coreset of size ``k``).
     memory_weights_ : ndarray of shape (n_memory,) or None

@@ -71,7 +71,7 @@ class SPADEDetector(BasePatchDetector):
     ----------
     global_features_ : ndarray of shape (n_samples, n_global)
         Global feature of every training image.
-    patches_ : ndarray of shape (n_samples, h * w, n_features_in_)
+    patches_ : ndarray of shape (n_samples, h * w, n_channels)
         Every patch feature of every training image (row-major grid): the
         galleries are drawn from them. SPADE keeps the whole training set:
         ``N x h x w x C`` floats (see Notes).
