@@ -72,7 +72,10 @@ autodoc_default_options = {
     # ...). Members defined in these classes (or their bases) are not: torch's
     # nn.Module, the builtin exceptions, and scikit-learn's set_output and
     # metadata-routing machinery, documented in scikit-learn itself.
-    "inherited-members": "Module,BaseException,_SetOutputMixin,_MetadataRequester",
+    "inherited-members": (
+        "Module,BaseException,_SetOutputMixin,_MetadataRequester,GroupsConsumerMixin,"
+        "BaseCrossValidator"
+    ),
 }
 autodoc_typehints = "none"
 autoclass_content = "class"
@@ -121,3 +124,15 @@ except ImportError:  # the builtin theme keeps the build working without it
 html_title = f"skpatch {release}"
 html_static_path = []
 html_show_sourcelink = False
+
+
+def _skip_metadata_request_methods(app, what, name, obj, skip, options):
+    # scikit-learn generates set_<method>_request on every class that takes
+    # metadata (a splitter's groups); they are documented in scikit-learn.
+    if name.startswith("set_") and name.endswith("_request"):
+        return True
+    return None
+
+
+def setup(app):
+    app.connect("autodoc-skip-member", _skip_metadata_request_methods)
