@@ -54,13 +54,19 @@ def test_the_warning_counts_the_selected_channels_not_all():
         detector.fit(RNG.normal(size=(6, 64, 4, 4)))  # 6 images: plenty for 4 of 64 channels
 
 
-def test_streaming_stops_warning_once_enough_images_arrived():
+def test_streaming_warns_when_the_model_is_used_with_too_few_images():
+    # partial_fit only adds to the running sums; the covariances are formed
+    # (and judged) when the model is first used.
     detector = make_detector("PaDiMDetector", map_size=None)
-    with pytest.warns(DegenerateTrainingSetWarning, match=r"samples per position \(2\)"):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", DegenerateTrainingSetWarning)
         detector.partial_fit(X[:2])
+    with pytest.warns(DegenerateTrainingSetWarning, match=r"samples per position \(2\)"):
+        detector.score_samples(X[:1])
     with warnings.catch_warnings():
         warnings.simplefilter("error", DegenerateTrainingSetWarning)
         detector.partial_fit(X[2:12])
+        detector.score_samples(X[:1])
 
 
 @pytest.mark.parametrize("name", detector_names())

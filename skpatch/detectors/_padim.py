@@ -1,7 +1,5 @@
 """PaDiM: one Gaussian per patch position (Defard et al., 2021)."""
 
-import warnings
-
 import numpy as np
 import torch
 from sklearn.base import _fit_context
@@ -9,7 +7,6 @@ from sklearn.utils import check_random_state
 
 from .. import _gaussian
 from .._torch_utils import as_tensor, resolve_device, to_numpy
-from ..exceptions import DegenerateTrainingSetWarning
 from ._base import BaseGaussianDetector
 
 # Training images kept by partial_fit to calibrate offset_ (selected channels
@@ -160,11 +157,12 @@ class PaDiMDetector(BaseGaussianDetector):
             self._positions(x) for _, x in self._iter_chunks(X, device)
         )
 
-    def _update(self, X, device):
+    def _update(self, X, device, whiten=True):
         """Add the images ``X`` (validated) to the model; set the scoring state.
 
         Returns a scorer of the training images (see ``calibration``), or
-        None while fewer than 2 images have been seen.
+        None while fewer than 2 images have been seen or ``whiten=False``
+        (the precision factor is then computed on first use).
         """
         previous = None
         if getattr(self, "n_samples_seen_", 0):
@@ -178,7 +176,8 @@ class PaDiMDetector(BaseGaussianDetector):
         self.mean_ = to_numpy(moments[1])
         self.scatter_ = to_numpy(moments[2])
         count = moments[0]
-        if count < 2:
+        self.__dict__.pop("precision_cholesky_", None)
+        if count < 2 or not whiten:
             return None
         mean, prec_chol = self._whitening(moments)
         self.precision_cholesky_ = to_numpy(prec_chol)
@@ -240,7 +239,9 @@ class PaDiMDetector(BaseGaussianDetector):
         if first:
             self.feature_indices_ = self._select_features(X.shape[1])
         with torch.inference_mode():
-            self._update(X, resolve_device(self.device))
+            # Only the running sums: one Cholesky per position, at first use,
+            # instead of one per batch.
+            self._update(X, resolve_device(self.device), whiten=False)
         self._sample_for_calibration(X)
         # The model changed: offset_ is recomputed on first use (__getattr__).
         self.__dict__.pop("offset_", None)
@@ -287,8 +288,9 @@ class PaDiMDetector(BaseGaussianDetector):
     def __getattr__(self, name):
         # Called only for attributes not set. offset_ after partial_fit is
         # computed once, when first needed, so that every sampled image is
-        # scored by the final model; precision_cholesky_ is not saved (it
-        # doubles the file) and is computed again on first use after loading.
+        # scored by the final model; precision_cholesky_ is computed on first
+        # use after partial_fit, and after loading (it is not saved: it would
+        # double the file).
         state = self.__dict__
         if name in ("offset_", "_train_scores") and "_calibration_sample" in state:
             self._calibrate_on_sample()
@@ -296,8 +298,7 @@ class PaDiMDetector(BaseGaussianDetector):
         if name == "precision_cholesky_" and state.get("n_samples_seen_", 0) >= 2:
             moments = (self.n_samples_seen_, torch.from_numpy(self.mean_),
                        torch.from_numpy(self.scatter_))
-            with torch.inference_mode(), warnings.catch_warnings():
-                warnings.simplefilter("ignore", DegenerateTrainingSetWarning)  # warned at fit
+            with torch.inference_mode():
                 self.precision_cholesky_ = to_numpy(self._whitening(moments)[1])
             return state[name]
         raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
