@@ -426,3 +426,18 @@ class BaseGaussianDetector(BasePatchDetector):
         center, prec_chol = self._scoring_state()
         scorer = self._patch_scorer(as_tensor(center, x.device), as_tensor(prec_chol, x.device))
         return scorer(x)
+
+
+def locally_aware_embedder(backbone, embedder_params=None):
+    """The embedder of PatchCore §3.1 (also RPaDiM's and PNI's).
+
+    The last two of the backbone's default stages (``layer2`` + ``layer3`` of
+    a ResNet, ``stage2`` + ``stage4`` of EfficientNet-Lite), each ``3 x 3``
+    average-pooled; ``embedder_params`` may override anything.
+    """
+    from .._embedder import PatchEmbedder
+    from ..backbones import get_backbone
+
+    layers = tuple(get_backbone(backbone).default_layers[-2:])
+    params = {"layers": layers, "pool_size": 3, **(embedder_params or {})}
+    return PatchEmbedder(backbone, **params)

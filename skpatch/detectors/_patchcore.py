@@ -12,10 +12,8 @@ from sklearn.utils._chunking import get_chunk_n_rows
 from sklearn.utils._param_validation import Interval, StrOptions
 
 from .. import _memory_bank, _robust
-from .._embedder import PatchEmbedder
 from .._torch_utils import as_tensor, resolve_device, to_numpy
-from ..backbones import get_backbone
-from ._base import BasePatchDetector
+from ._base import BasePatchDetector, locally_aware_embedder
 
 
 def _patches(x):
@@ -429,8 +427,6 @@ def make_patchcore_pipeline(
     >>> pipe.fit(images).score_samples(images).shape
     (8,)
     """
-    layers = tuple(get_backbone(backbone).default_layers[-2:])
-    params = {"layers": layers, "pool_size": 3, **(embedder_params or {})}
     return make_pipeline(
-        PatchEmbedder(backbone, **params), PatchCoreDetector(**detector_params), memory=memory
+        locally_aware_embedder(backbone, embedder_params), PatchCoreDetector(**detector_params), memory=memory
     )

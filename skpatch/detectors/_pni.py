@@ -13,11 +13,9 @@ from sklearn.utils import check_random_state, gen_batches
 from sklearn.utils._chunking import get_chunk_n_rows
 from sklearn.utils._param_validation import Interval, StrOptions
 
-from .._embedder import PatchEmbedder
 from .._memory_bank import greedy_coreset, nearest_neighbors
 from .._torch_utils import as_tensor, resolve_device, single_threaded, to_numpy
-from ..backbones import get_backbone
-from ._base import BasePatchDetector
+from ._base import BasePatchDetector, locally_aware_embedder
 
 
 # ---------------------------------------------------------------------- kernels
@@ -692,10 +690,8 @@ def make_pni_pipeline(
     >>> pipe.fit(images).score_samples(images).shape
     (8,)
     """
-    layers = tuple(get_backbone(backbone).default_layers[-2:])
-    params = {"layers": layers, "pool_size": 3, **(embedder_params or {})}
     pipeline = make_pipeline(
-        PatchEmbedder(backbone, **params), PNIDetector(**detector_params), memory=memory
+        locally_aware_embedder(backbone, embedder_params), PNIDetector(**detector_params), memory=memory
     )
     if not refine:
         return pipeline

@@ -13,10 +13,8 @@ from sklearn.utils._chunking import get_chunk_n_rows
 from sklearn.utils._param_validation import Interval
 
 from .. import _gaussian, _robust
-from .._embedder import PatchEmbedder
 from .._torch_utils import as_tensor, resolve_device, to_numpy
-from ..backbones import get_backbone
-from ._base import BaseGaussianDetector
+from ._base import BaseGaussianDetector, locally_aware_embedder
 
 
 class RobustPaDiMDetector(BaseGaussianDetector):
@@ -411,8 +409,6 @@ def make_rpadim_pipeline(
     >>> pipe.fit(images).score_samples(images).shape
     (8,)
     """
-    layers = tuple(get_backbone(backbone).default_layers[-2:])
-    params = {"layers": layers, "pool_size": 3, **(embedder_params or {})}
     return make_pipeline(
-        PatchEmbedder(backbone, **params), RobustPaDiMDetector(**detector_params), memory=memory
+        locally_aware_embedder(backbone, embedder_params), RobustPaDiMDetector(**detector_params), memory=memory
     )
