@@ -56,3 +56,15 @@ def load(dataset, limit=None):
     y_test = np.r_[np.zeros(n_normal_test, np.int64), np.ones(len(defective), np.int64)]
     masks = np.concatenate([np.zeros((n_normal_test, 224, 224), bool), masks])
     return normal[:n_train], X_test, y_test, masks
+
+
+def subsample_test(X_test, y_test, masks, n):
+    """At most ``n`` test images, half normal and half anomalous (seeded), in order."""
+    if n is None or n >= len(X_test):
+        return X_test, y_test, masks
+    keep = np.r_[
+        _subsample(np.flatnonzero(y_test == 0), n // 2, 4),
+        _subsample(np.flatnonzero(y_test == 1), n - n // 2, 5),
+    ]
+    keep = np.sort(keep)
+    return X_test[keep], y_test[keep], None if masks is None else masks[keep]
