@@ -129,6 +129,14 @@ class AnomalyMapRefiner(MetaEstimatorMixin, OutlierMixin, BaseEstimator):
         (scar) and DRÆM; it also drew defects by hand).
     n_copies : int, default=1
         Defective copies made of each training image.
+    map_folds : int or None, default=None
+        How the coarse maps of the defective training images are made. None
+        (the paper's procedure): by the pipeline fitted on all training
+        images, which has seen the defect-free originals, so the maps are
+        cleaner outside the defects than on new images. An integer ``k >=
+        2``: out of fold, each image's map by a clone fitted on the other
+        ``k - 1`` folds, so the network trains on maps like those it will
+        refine (``k`` extra fits).
     max_images : int or None, default=200
         At most this many defective images (a random subset); bounds the
         cached encoder features (about 0.5 MB per 224 x 224 image).
@@ -209,6 +217,7 @@ class AnomalyMapRefiner(MetaEstimatorMixin, OutlierMixin, BaseEstimator):
         "estimator": [HasMethods(["fit", "score_samples"])],
         "kinds": [list, tuple, str],
         "n_copies": [Interval(Integral, 1, None, closed="left")],
+        "map_folds": [Interval(Integral, 2, None, closed="left"), None],
         "max_images": [Interval(Integral, 1, None, closed="left"), None],
         "n_epochs": [Interval(Integral, 0, None, closed="left")],
         "batch_size": [Interval(Integral, 1, None, closed="left")],
@@ -226,6 +235,7 @@ class AnomalyMapRefiner(MetaEstimatorMixin, OutlierMixin, BaseEstimator):
         *,
         kinds=("cutpaste", "cutpaste_scar", "draem"),
         n_copies=1,
+        map_folds=None,
         max_images=200,
         n_epochs=10,
         batch_size=8,
@@ -239,6 +249,7 @@ class AnomalyMapRefiner(MetaEstimatorMixin, OutlierMixin, BaseEstimator):
         self.estimator = estimator
         self.kinds = kinds
         self.n_copies = n_copies
+        self.map_folds = map_folds
         self.max_images = max_images
         self.n_epochs = n_epochs
         self.batch_size = batch_size
@@ -305,6 +316,28 @@ class AnomalyMapRefiner(MetaEstimatorMixin, OutlierMixin, BaseEstimator):
             )
         return network.to(device)
 
+    def _coarse_maps(self, X, pool, defective, rng):
+        """Coarse maps of the defective copies ``defective`` of ``X[pool]`` (see ``map_folds``)."""
+        if self.map_folds is None:
+            return anomaly_map(self.estimator_, defective)
+        if self.map_folds > len(X):
+            raise ValueError(
+                f"map_folds={self.map_folds} exceeds the {len(X)} training images."
+            )
+        fold_of_image = rng.permutation(len(X)) % self.map_folds
+        fold = fold_of_image[pool]
+        coarse = None
+        for k in range(self.map_folds):
+            held = fold == k
+            if not held.any():
+                continue
+            model = clone(self.estimator).fit(X[fold_of_image != k])
+            maps = anomaly_map(model, defective[held])
+            if coarse is None:
+                coarse = np.empty((len(defective), *maps.shape[1:]), dtype=maps.dtype)
+            coarse[held] = maps
+        return coarse
+
     # ------------------------------------------------------------------ fit
     @_fit_context(prefer_skip_nested_validation=False)
     def fit(self, X, y=None):
@@ -332,7 +365,7 @@ class AnomalyMapRefiner(MetaEstimatorMixin, OutlierMixin, BaseEstimator):
         if self.max_images is not None and len(pool) > self.max_images:
             pool = np.sort(rng.choice(pool, self.max_images, replace=False))
         defective, masks = make_synthetic_defects(X[pool], kinds=self.kinds, random_state=rng)
-        coarse = anomaly_map(self.estimator_, defective)
+        coarse = self._coarse_maps(X, pool, defective, rng)
         self.map_mean_ = float(coarse.mean())
         self.map_scale_ = float(coarse.std()) or 1.0
 

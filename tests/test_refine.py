@@ -3,7 +3,7 @@ import pickle
 import numpy as np
 import pytest
 import torch
-from sklearn.pipeline import make_pipeline
+from sklearn.pipeline import Pipeline, make_pipeline
 
 from skpatch import AnomalyMapRefiner, PaDiMDetector, PatchEmbedder, anomaly_map, make_pni_pipeline
 from skpatch._refine import RefinementDecoder, refinement_loss
@@ -111,3 +111,24 @@ def test_new_defect_kinds():
         assert kinds == [[kind]] * 4
         assert masks.reshape(4, -1).any(axis=1).all() and masks.mean() < 0.2
         np.testing.assert_array_equal(out[~masks], images[~masks])
+
+
+def test_map_folds_gives_out_of_fold_coarse_maps(images, monkeypatch):
+    # With 2 folds, the two out-of-fold clones train on complementary halves
+    # (each defective image's map comes from the one without its original);
+    # the final pipeline is fitted first, on every image.
+    seen = []
+    original_fit = Pipeline.fit
+
+    def recording_fit(self, X, y=None, **params):
+        seen.append({x.tobytes() for x in X})
+        return original_fit(self, X, y, **params)
+
+    monkeypatch.setattr(Pipeline, "fit", recording_fit)
+    _refiner(map_folds=2, n_epochs=1).fit(images)
+    everything = {x.tobytes() for x in images}
+    assert len(seen) == 3
+    assert seen[0] == everything
+    assert seen[1] & seen[2] == set() and seen[1] | seen[2] == everything
+    with pytest.raises(ValueError, match="map_folds=.* exceeds"):
+        _refiner(map_folds=len(images) + 1).fit(images)
