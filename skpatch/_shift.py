@@ -201,27 +201,38 @@ class ImageShiftDetector(MetaEstimatorMixin, OutlierMixin, BaseEstimator):
             images = transformer.transform(images)
         return images, detector
 
-    def _shifted_outputs(self, X, maps):
-        """Average over the shifts of the scores (``maps=False``) or re-aligned maps."""
+    def _shifted_outputs(self, X, outputs):
+        """Averages over the shifts, one per entry of ``outputs``.
+
+        ``"scores"``: the wrapped ``score_samples``; ``"maps"``: the anomaly
+        maps, each shifted back into place. Asking for both embeds every
+        shifted copy once.
+        """
         check_is_fitted(self)
         X = _as_image_array(X)
-        out = None
+        out = {}
         for batch in gen_batches(len(X), self.batch_size):
-            total = None
+            totals = dict.fromkeys(outputs)
             for dy, dx in self.shifts_:
                 embeddings, detector = self._embed(shift_images(X[batch], dy, dx))
-                if maps:
-                    value = torch.from_numpy(detector.anomaly_map(embeddings))
-                    fy, fx = self._map_scale(X.shape[1:3], value.shape[1:])
-                    value = translate_maps(value, dy * fy, dx * fx)
-                else:
-                    value = torch.from_numpy(np.asarray(detector.score_samples(embeddings)))
-                total = value if total is None else total + value
-            mean = (total / len(self.shifts_)).numpy()
-            if out is None:
-                out = np.empty((len(X), *mean.shape[1:]), dtype=mean.dtype)
-            out[batch] = mean
-        return out
+                for what in outputs:
+                    if what == "maps":
+                        value = torch.from_numpy(detector.anomaly_map(embeddings))
+                        fy, fx = self._map_scale(X.shape[1:3], value.shape[1:])
+                        value = translate_maps(value, dy * fy, dx * fx)
+                    else:
+                        value = torch.from_numpy(np.asarray(detector.score_samples(embeddings)))
+                    totals[what] = value if totals[what] is None else totals[what] + value
+            for what, total in totals.items():
+                mean = (total / len(self.shifts_)).numpy()
+                if what not in out:
+                    out[what] = np.empty((len(X), *mean.shape[1:]), dtype=mean.dtype)
+                out[what][batch] = mean
+        return [out[what] for what in outputs]
+
+    def _scores_and_maps(self, X):
+        """``(score_samples(X), anomaly_map(X))`` with one CNN pass per shifted copy."""
+        return tuple(self._shifted_outputs(X, ("scores", "maps")))
 
     def anomaly_map(self, X):
         """Anomaly maps averaged over the shifted copies, each shifted back into place.
@@ -236,7 +247,7 @@ class ImageShiftDetector(MetaEstimatorMixin, OutlierMixin, BaseEstimator):
         maps : ndarray of shape (n, H_map, W_map)
             Anomaly scores per pixel, higher = more anomalous.
         """
-        return self._shifted_outputs(X, maps=True)
+        return self._shifted_outputs(X, ("maps",))[0]
 
     def score_samples(self, X):
         """Wrapped ``score_samples`` averaged over the shifted copies (higher = more normal).
@@ -251,7 +262,7 @@ class ImageShiftDetector(MetaEstimatorMixin, OutlierMixin, BaseEstimator):
         scores : ndarray of shape (n,)
             Opposite of the image anomaly score.
         """
-        return self._shifted_outputs(X, maps=False)
+        return self._shifted_outputs(X, ("scores",))[0]
 
     def decision_function(self, X):
         """``score_samples(X) - offset_``: negative for outliers.

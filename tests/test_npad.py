@@ -292,6 +292,10 @@ def test_image_shift_pipeline_maps_scores_persistence(images, npad_model, tmp_pa
     scores = model.score_samples(test)
     maps = anomaly_map(model, test)
     assert scores.shape == (3,) and maps.shape == (3, 32, 32)
+    # both from one pass over the shifted copies (the benchmark's path)
+    both = model._scores_and_maps(test)
+    np.testing.assert_allclose(both[0], scores, rtol=1e-6)
+    np.testing.assert_allclose(both[1], maps, rtol=1e-6)
     np.testing.assert_allclose(model.decision_function(test), scores - model.offset_)
     assert set(model.predict(test)) <= {-1, 1}
     # the average over shifts differs from the unshifted score, and max_shift=0 is the pipeline

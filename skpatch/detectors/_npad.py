@@ -19,9 +19,13 @@ from ._base import BaseGaussianDetector, BasePatchDetector
 
 
 def _grid_positions(x):
-    """``(b, d, h, w)`` -> position-major ``(P, b, d)`` (a transposed view of one NHWC copy)."""
+    """``(b, d, h, w)`` -> position-major ``(P, b, d)``, one contiguous copy.
+
+    Contiguous, not a transposed view: the batched products over positions
+    (``baddbmm``) run about 3 times faster on it on CPU.
+    """
     b, d = x.shape[:2]
-    return x.permute(0, 2, 3, 1).reshape(b, -1, d).transpose(0, 1)
+    return x.permute(2, 3, 0, 1).reshape(-1, b, d)
 
 
 class NPadDetector(BaseGaussianDetector):
