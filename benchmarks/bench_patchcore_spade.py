@@ -18,7 +18,10 @@ Methods:
   3 x 3 pooling: 28 x 28, 152 channels, the layers of the anomalib peer),
   defaults (a uniform store of ``max_patches=50_000`` patches, coreset 10 %:
   5,000 items), ``1%`` (500 items) and ``peer`` (the anomalib peer's
-  setting: 5 % of a 100,000-patch store, 5,000 items).
+  setting: 5 % of a 100,000-patch store, 5,000 items), and ``peer streamed``
+  (the same setting fitted with ``partial_fit`` on batches of 64 training
+  embeddings read from disk, as :func:`skpatch.fit_in_batches` feeds it:
+  its ``peak MB`` is the store, not the training set).
 * ``SPADE``: the same embeddings (pixel gallery search on the 56 x 56
   pyramid costs 20x more on a CPU), global feature = average of the
   stage-4 channels (``global_channels=112``), ``K = 50`` and ``K = 10``,
@@ -66,6 +69,10 @@ def _pipelines():
         "PatchCore": ("patchcore", PatchCoreDetector(random_state=SEED)),
         "PatchCore 1%": ("patchcore", PatchCoreDetector(0.01, random_state=SEED)),
         "PatchCore peer": (
+            "patchcore",
+            PatchCoreDetector(0.05, max_patches=100_000, random_state=SEED),
+        ),
+        "PatchCore peer streamed": (
             "patchcore",
             PatchCoreDetector(0.05, max_patches=100_000, random_state=SEED),
         ),
@@ -124,6 +131,17 @@ def _state_mb(detector):
     return sum(v.nbytes for k, v in vars(detector).items() if k.endswith("_") and isinstance(v, np.ndarray)) / 2**20
 
 
+def _read_rows(path, batch):
+    """Rows ``batch`` of a saved array, read from the file (not mapped: no RSS for the rest)."""
+    mapped = np.load(path, mmap_mode="r")
+    row_items = int(np.prod(mapped.shape[1:]))
+    count = len(range(*batch.indices(len(mapped))))
+    with open(path, "rb") as f:
+        f.seek(mapped.offset + batch.start * row_items * mapped.dtype.itemsize)
+        rows = np.fromfile(f, dtype=mapped.dtype, count=count * row_items)
+    return rows.reshape(count, *mapped.shape[1:])
+
+
 def evaluate(method, paths, threads, scale4):
     import torch
 
@@ -137,7 +155,14 @@ def evaluate(method, paths, threads, scale4):
     y = np.load(paths["y"])
     before = _rss_mb()
     start = time.perf_counter()
-    detector.fit(E_train)
+    if method.endswith("streamed"):
+        from sklearn.utils import gen_batches
+
+        for batch in gen_batches(len(E_train), 64):
+            detector.partial_fit(_read_rows(paths["train"], batch))
+        detector.offset_  # the coreset and offset_ are computed on first use
+    else:
+        detector.fit(E_train)
     fit = time.perf_counter() - start
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - before
     row = {"fit": fit, "peak": peak, "state": _state_mb(detector)}

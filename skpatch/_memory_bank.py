@@ -29,7 +29,7 @@ from sklearn.utils import check_random_state
 
 from ._torch_utils import single_threaded
 
-__all__ = ["greedy_coreset", "nearest_neighbors", "random_projection"]
+__all__ = ["greedy_coreset", "nearest_neighbors", "random_projection", "reservoir_slots"]
 
 
 def _to_tensor(x, device=None, dtype=None):
@@ -91,7 +91,9 @@ def greedy_coreset(x, n_select, *, projection_dim=128, random_state=None, device
     Notes
     -----
     Cost: ``O(n d p)`` for the projection and ``O(n p)`` per pick, i.e.
-    ``O(n p k)`` for ``k`` picks, with memory ``n (p + 2)`` floats. On the
+    ``O(n p k)`` for ``k`` picks, with memory ``n (p + 3)`` floats besides
+    ``x`` (which is not copied when it is a float32 array or tensor on
+    ``device``, and a projection is used). On the
     CPU each pick reads the ``n x p`` projected points once (memory bound:
     about 5 ms for ``n = 10⁵``, ``p = 128``).
 
@@ -108,11 +110,12 @@ def greedy_coreset(x, n_select, *, projection_dim=128, random_state=None, device
     rng = check_random_state(random_state)
     # centring keeps the cancellation error of |a|² + |b|² - 2 a·b small
     x = x.to(torch.float32)
-    x = x - x.mean(dim=0)
     if projection_dim is not None and projection_dim < d:
-        z = x @ random_projection(d, projection_dim, rng, device=x.device)
+        # (x - mean) P = x P - mean P: no centred copy of the whole store
+        projection = random_projection(d, projection_dim, rng, device=x.device)
+        z = torch.addmm(-(x.mean(dim=0) @ projection), x, projection)
     else:
-        z = x
+        z = x - x.mean(dim=0)
     z = z.contiguous()
     sq = (z * z).sum(dim=1)
     picks = torch.empty(n_select, dtype=torch.long, device=z.device)
@@ -251,3 +254,45 @@ def nearest_neighbors(
         distances[q0 : q0 + query_rows] = dist
         indices[q0 : q0 + query_rows] = best_idx.gather(1, order)
     return distances, indices
+
+
+def reservoir_slots(n_seen, n_new, capacity, rng):
+    """Where a batch of new items goes in a uniform reservoir sample (algorithm R).
+
+    Vitter's algorithm R keeps a uniform random sample of at most
+    ``capacity`` of the items of a stream: item ``t`` (0-based) fills slot
+    ``t`` while ``t < capacity``, and afterwards replaces the item in slot
+    ``j``, drawn uniformly from ``0 .. t``, when ``j < capacity``. This
+    draws all the ``j`` of a batch at once and resolves the slots hit twice
+    in favour of the later item, as the sequential algorithm would.
+
+    Parameters
+    ----------
+    n_seen : int
+        Number of items offered before this batch.
+    n_new : int
+        Number of items in the batch.
+    capacity : int
+        Size of the reservoir.
+    rng : numpy.random.Generator
+        Source of the draws.
+
+    Returns
+    -------
+    positions : ndarray of int64
+        Positions in the batch of the items that enter the reservoir.
+    slots : ndarray of int64, sorted
+        Their slots; a slot not below ``min(n_seen, capacity)`` is appended
+        (the reservoir is still filling; those slots are consecutive).
+    """
+    t = n_seen + np.arange(n_new, dtype=np.int64)
+    filling = t < capacity
+    slots = t.copy()
+    if not filling.all():
+        slots[~filling] = rng.integers(0, t[~filling] + 1)
+    positions = np.flatnonzero(slots < capacity)
+    slots = slots[positions]
+    # the last item that hits a slot keeps it
+    _, last = np.unique(slots[::-1], return_index=True)
+    last = len(slots) - 1 - last
+    return positions[last], slots[last]

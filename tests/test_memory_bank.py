@@ -4,7 +4,7 @@ import sklearn
 import torch
 from sklearn.neighbors import NearestNeighbors
 
-from skpatch._memory_bank import greedy_coreset, nearest_neighbors, random_projection
+from skpatch._memory_bank import greedy_coreset, nearest_neighbors, random_projection, reservoir_slots
 
 
 def _exact_greedy(X, k, start):
@@ -100,3 +100,42 @@ def test_nearest_neighbors_checks_input(rng):
         nearest_neighbors(rng.normal(size=(3, 2)), rng.normal(size=(2, 2)), 3)
     with pytest.raises(ValueError, match="same number of columns"):
         nearest_neighbors(rng.normal(size=(3, 2)), rng.normal(size=(2, 3)))
+
+
+def _sequential_reservoir(n_seen, n_new, capacity, draws):
+    """Algorithm R one item at a time, with the draws the vectorized version makes."""
+    slots = {}
+    for i in range(n_new):
+        t = n_seen + i
+        j = t if t < capacity else draws[i]
+        if j < capacity:
+            slots[j] = i
+    return slots
+
+
+@pytest.mark.parametrize("n_seen, n_new, capacity", [(0, 5, 10), (0, 50, 10), (7, 50, 10), (30, 40, 10)])
+def test_reservoir_slots_match_sequential_algorithm_r(n_seen, n_new, capacity):
+    positions, slots = reservoir_slots(n_seen, n_new, capacity, np.random.default_rng(0))
+    t = n_seen + np.arange(n_new)
+    draws = np.full(n_new, -1)
+    late = t >= capacity
+    if late.any():
+        draws[late] = np.random.default_rng(0).integers(0, t[late] + 1)
+    expected = _sequential_reservoir(n_seen, n_new, capacity, draws)
+    assert dict(zip(slots.tolist(), positions.tolist())) == expected
+    assert (np.diff(slots) > 0).all()
+
+
+def test_reservoir_slots_sample_uniformly():
+    counts = np.zeros(100)
+    for seed in range(400):
+        rng = np.random.default_rng(seed)
+        store = np.empty(10, dtype=int)
+        for start in range(0, 100, 13):  # batches of 13 items
+            n_new = min(13, 100 - start)
+            positions, slots = reservoir_slots(start, n_new, 10, rng)
+            store[slots] = start + positions
+        counts[store] += 1
+    # each item is kept with probability 10 / 100: 40 times in 400 runs
+    assert counts.sum() == 4000
+    assert 20 < counts.min() and counts.max() < 62

@@ -165,3 +165,112 @@ def test_bad_parameters():
     with pytest.raises(ValueError, match="grid"):
         det.score_samples(embeddings(n=2, h=2))
     assert clone(det).get_params() == det.get_params()
+
+
+# ---------------------------------------------------------------- partial_fit
+def _stream(det, X, batch):
+    for start in range(0, len(X), batch):
+        det.partial_fit(X[start : start + batch])
+    return det
+
+
+@pytest.mark.parametrize("batch", [20, 3, 1])
+def test_partial_fit_equals_fit_when_every_patch_is_stored(batch):
+    X = embeddings(n=20)  # 240 patches <= max_patches, 20 <= 32 calibration images
+    fitted = PatchCoreDetector(0.2, random_state=0, map_size=None).fit(X)
+    streamed = _stream(PatchCoreDetector(0.2, random_state=0, map_size=None), X, batch)
+    np.testing.assert_array_equal(streamed.memory_bank_, fitted.memory_bank_)
+    assert streamed.offset_ == fitted.offset_
+    assert streamed.n_patches_seen_ == streamed.n_patches_stored_ == 240
+    test = embeddings(n=4, seed=1)
+    np.testing.assert_array_equal(streamed.score_samples(test), fitted.score_samples(test))
+    # the store is freed once the coreset is selected
+    assert not hasattr(streamed, "_store")
+
+
+def test_partial_fit_store_is_a_bounded_uniform_sample():
+    X = embeddings(n=200)  # 2,400 patches through a store of 300
+    det = PatchCoreDetector(0.1, max_patches=300, random_state=0, map_size=None)
+    for start in range(0, 200, 7):
+        det.partial_fit(X[start : start + 7])
+        assert det._n_stored <= 300 and len(det._store) <= 300
+    groups = det._store_groups[: det._n_stored]
+    assert det._n_stored == 300 and len(np.unique(groups)) > 100
+    # uniform over the stream: as many patches from the first half as from the second
+    assert 0.4 < (groups < 100).mean() < 0.6
+    assert det.n_patches_seen_ == 2400 and det.n_patches_stored_ == 300
+    assert det.memory_bank_.shape == (30, 6)
+
+
+def test_partial_fit_memory_does_not_grow_with_the_stream():
+    import tracemalloc
+
+    X = embeddings(n=10, c=32, h=8, w=8)
+    PatchCoreDetector(max_patches=500, map_size=None).partial_fit(X)  # one-time imports, caches
+
+    def peak(n_batches):
+        det = PatchCoreDetector(0.1, max_patches=500, random_state=0, map_size=None)
+        tracemalloc.start()
+        for _ in range(n_batches):
+            det.partial_fit(X)
+        _, top = tracemalloc.get_traced_memory()
+        tracemalloc.stop()
+        return top
+
+    at_n, at_4n = peak(10), peak(40)
+    assert at_4n <= 1.05 * at_n
+    # the store (500 patches, an image number each), the calibration sample
+    # (32 images, grown by concatenation) and a batch's temporaries
+    store = 500 * (32 * 4 + 8)
+    calibration = 2 * 32 * X[0].nbytes
+    assert at_4n < store + calibration + 2 * X.nbytes
+
+
+def test_partial_fit_is_seeded():
+    X = embeddings(n=60)
+
+    def bank(seed):
+        det = PatchCoreDetector(0.1, max_patches=200, random_state=seed, map_size=None)
+        return _stream(det, X, 9).memory_bank_
+
+    np.testing.assert_array_equal(bank(3), bank(3))
+    assert not np.array_equal(bank(3), bank(4))
+
+
+def test_partial_fit_checks_grid_and_channels():
+    det = PatchCoreDetector(random_state=0, map_size=None).partial_fit(embeddings(n=3))
+    with pytest.raises(ValueError, match="3x4 grid"):
+        det.partial_fit(embeddings(n=3, h=2))
+    with pytest.raises(ValueError, match="expecting 6 features"):
+        det.partial_fit(embeddings(n=3, c=5))
+    with pytest.raises(ValueError, match="at least 2"):
+        PatchCoreDetector(map_size=None).partial_fit(embeddings(n=1)).score_samples(embeddings(n=1))
+    with pytest.raises(ValueError, match="use fit"):
+        PatchCoreDetector(denoising="lof").partial_fit(embeddings(n=3))
+
+
+def test_partial_fit_persistence(tmp_path):
+    X = embeddings(n=40)
+    det = _stream(PatchCoreDetector(0.1, max_patches=200, random_state=0, map_size=None), X, 8)
+    path = tmp_path / "pc.joblib"
+    joblib.dump(det, path)  # selects the coreset first: the file holds the bank, not the store
+    loaded = joblib.load(path)
+    assert not hasattr(loaded, "_store") and loaded.memory_bank_.shape == (20, 6)
+    np.testing.assert_array_equal(loaded.score_samples(X[:5]), det.score_samples(X[:5]))
+    assert loaded.offset_ == det.offset_
+    # a later partial_fit continues from the bank
+    loaded.partial_fit(X[:4])
+    assert loaded.n_patches_seen_ == 480 + 48
+    assert loaded.n_patches_stored_ == 20 + 48 and loaded.memory_bank_.shape == (7, 6)
+
+
+def test_fit_in_batches_pipeline(images):
+    from skpatch import fit_in_batches
+
+    params = {"weights": None, "image_size": 32, "crop_size": None}
+    fitted = make_patchcore_pipeline(embedder_params=params, map_size=32, random_state=0)
+    streamed = make_patchcore_pipeline(embedder_params=params, map_size=32, random_state=0)
+    fitted.fit(images[:8])
+    fit_in_batches(streamed, images[:8], batch_size=3)
+    np.testing.assert_array_equal(streamed[-1].memory_bank_, fitted[-1].memory_bank_)
+    np.testing.assert_allclose(streamed.score_samples(images[8:]), fitted.score_samples(images[8:]))

@@ -15,6 +15,18 @@ from .. import _memory_bank, _robust
 from .._torch_utils import as_tensor, resolve_device, to_numpy
 from ._base import BasePatchDetector, locally_aware_embedder
 
+# Training images kept by partial_fit to calibrate offset_ (all channels: 15 MB
+# for a 28 x 28 grid of 152 channels), as PaDiMDetector does.
+_CALIBRATION_SIZE = 32
+
+# Attributes set on first use after partial_fit (see __getattr__).
+_LAZY = ("memory_bank_", "memory_weights_", "n_patches_stored_", "lof_threshold_",
+         "offset_", "_train_scores")
+
+# The state of a partial fit that is not finalized yet.
+_STREAM = ("_store", "_store_groups", "_n_stored", "_n_offered", "_n_images_seen",
+           "_calibration_sample", "_calibration_ids", "_calibration_offered")
+
 
 def _patches(x):
     """Embeddings ``(b, C, h, w)`` -> patch features ``(b * h * w, C)`` (image-major)."""
@@ -44,8 +56,10 @@ class PatchCoreDetector(BasePatchDetector):
     **Bounded fit memory.** The patches of the training images are first
     subsampled uniformly at random to at most ``max_patches`` (the store);
     the coreset is then ``coreset_ratio`` of the store. The fit's working
-    memory is therefore ``max_patches x (C + projection_dim + 3)`` floats
-    plus the input, whatever the number of training images (see Notes).
+    memory is therefore about ``max_patches x (C + projection_dim + 5)``
+    floats plus the input, whatever the number of training images; with
+    :meth:`partial_fit` (:func:`skpatch.fit_in_batches`) the input is one
+    batch, and the store is a reservoir sample of the stream (see Notes).
 
     **Denoising** (``denoising="lof"``, SoftPatch, Jiang et al., 2022, the
     noisy-training baseline of RPaDiM): before the store is drawn, the local
@@ -116,7 +130,8 @@ class PatchCoreDetector(BasePatchDetector):
     n_patches_seen_ : int
         Number of training patches (images x positions).
     n_patches_stored_ : int
-        Size of the store the coreset was selected from.
+        Size of the store the coreset was selected from (at most
+        ``max_patches``).
     lof_threshold_ : float or None
         With ``denoising="lof"``: the ``tau`` quantile of the patch factors.
     offset_ : float
@@ -158,7 +173,25 @@ class PatchCoreDetector(BasePatchDetector):
     Denoising adds the LOF, ``O(h w N² C)`` time and ``N²`` floats per
     position chunk. Fitted state: ``M x C`` floats. Scoring: ``O(h w M C)``
     per image, in chunks bounded by scikit-learn's ``working_memory``.
-    There is no ``partial_fit``: the coreset is selected once from the store.
+
+    **Streaming.** :meth:`partial_fit` adds each batch's patches to the
+    store by reservoir sampling (Vitter's algorithm R, vectorized per
+    batch: :func:`skpatch._memory_bank.reservoir_slots`), so the store is
+    a uniform sample of at most ``max_patches`` of all the patches seen,
+    seeded by ``random_state``; its memory is ``max_patches x C`` float32
+    (plus one int64 image number per patch) and one batch, whatever the
+    number of images. The coreset, the memory bank and ``offset_`` are
+    computed on first use after the last call (scoring, saving, or reading
+    ``memory_bank_`` or ``offset_``), and the store is then freed: the
+    greedy selection runs once. ``offset_`` comes, as for
+    :class:`PaDiMDetector`, from a uniform reservoir sample of at most 32
+    of the streamed images, scored (leave-one-out) by the final bank. While
+    ``N h w <= max_patches`` the bank equals :meth:`fit`'s on the same
+    images (and ``offset_`` too for at most 32 images). A
+    :meth:`partial_fit` after :meth:`fit`, after loading or after the
+    coreset was selected continues from the memory bank: its items enter
+    the new store as the first patches offered. ``denoising="lof"`` needs
+    every image at once and is not available with :meth:`partial_fit`.
 
     References
     ----------
@@ -272,6 +305,8 @@ class PatchCoreDetector(BasePatchDetector):
         X = self._validate_embeddings(X, reset=True)
         n_images, n_channels = X.shape[:2]
         self._check_n_samples(n_images, 2, type(self).__name__)
+        for attribute in _STREAM + ("n_patches_seen_",):
+            self.__dict__.pop(attribute, None)
         n_positions = X.shape[2] * X.shape[3]
         rng = check_random_state(self.random_state)
         device = resolve_device(self.device)
@@ -290,18 +325,7 @@ class PatchCoreDetector(BasePatchDetector):
             store = np.ascontiguousarray(
                 X.reshape(n_images, n_channels, n_positions)[images, :, positions], dtype=np.float32
             )
-            n_memory = max(1, math.ceil(self.coreset_ratio * len(store)))
-            if n_memory < len(store):
-                picks = _memory_bank.greedy_coreset(
-                    store,
-                    n_memory,
-                    projection_dim=self.projection_dim,
-                    random_state=rng,
-                    device=device,
-                )
-                picks = to_numpy(picks)
-            else:
-                picks = np.arange(len(store))
+            picks = self._select_coreset(store, rng, device)
             self.memory_bank_ = store[picks]
             del store
             self.memory_weights_ = None
@@ -312,9 +336,183 @@ class PatchCoreDetector(BasePatchDetector):
             self.n_patches_seen_ = n_images * n_positions
             self.n_patches_stored_ = len(store_ids)
             groups = images[picks] if self.calibration == "leave-one-out" else None
-            train_scores = self._anomaly_scores(X, groups=groups)
-        self._set_offset(train_scores)
+            self._train_scores = self._anomaly_scores(X, groups=groups)
+        self._set_offset(self._train_scores)
         return self
+
+    def _select_coreset(self, store, rng, device):
+        """Indices (pick order) of the greedy coreset of ``coreset_ratio`` of ``store``."""
+        n_memory = max(1, math.ceil(self.coreset_ratio * len(store)))
+        if n_memory >= len(store):
+            return np.arange(len(store))
+        picks = _memory_bank.greedy_coreset(
+            store, n_memory, projection_dim=self.projection_dim, random_state=rng, device=device
+        )
+        return to_numpy(picks)
+
+    @_fit_context(prefer_skip_nested_validation=True)
+    def partial_fit(self, X, y=None):
+        """Add a batch of normal images to the store; the coreset is selected on first use.
+
+        Streaming (see :func:`skpatch.fit_in_batches`): each batch's patches
+        enter a uniform random sample of at most ``max_patches`` of all the
+        patches seen (the store, kept by reservoir sampling), so memory does
+        not grow with the number of images. The coreset, the memory bank and
+        ``offset_`` are computed from the store when first needed after the
+        last call; the store is then freed. While every patch fits in the
+        store, :meth:`fit` on all the images at once gives the same model as
+        one or several calls of :meth:`partial_fit` (``offset_`` included
+        while they are at most 32 images, see Notes).
+
+        Parameters
+        ----------
+        X : ndarray of shape (n, C, h, w) or (n, d)
+            Patch embeddings of a batch of normal images.
+        y : None
+            Ignored.
+
+        Returns
+        -------
+        self : PatchCoreDetector
+            The updated detector.
+        """
+        if self.denoising is not None:
+            raise ValueError(
+                f"denoising={self.denoising!r} compares every training image's patches at "
+                "each position, which needs all the images at once: use fit, not "
+                "partial_fit or fit_in_batches."
+            )
+        first = not hasattr(self, "n_patches_seen_")
+        X = self._validate_embeddings(X, reset=first)
+        if first:
+            for attribute in _STREAM + _LAZY:
+                self.__dict__.pop(attribute, None)
+            self.n_patches_seen_ = 0
+            self._n_images_seen = 0
+        elif "_store" not in self.__dict__:
+            self._restart_store()
+        self._add_to_store(X)
+        self._sample_for_calibration(X)
+        self._n_images_seen += len(X)
+        # The model changed: the coreset and offset_ are recomputed on first use.
+        for attribute in _LAZY:
+            self.__dict__.pop(attribute, None)
+        return self
+
+    def _stream_rng(self, stream, n_offered):
+        """Generator for one partial_fit call's draws, reproducible across calls."""
+        seed = check_random_state(self.random_state).randint(2**31)
+        return np.random.default_rng([seed, stream, n_offered])
+
+    def _restart_store(self):
+        """Continue a finalized model (fit, loaded, or already used) from its memory bank.
+
+        The bank's items stand for the patches seen before (each of those is
+        within the coreset radius of an item): they enter the new store as
+        the first patches offered to it.
+        """
+        bank = self.memory_bank_
+        self._store = np.array(bank, dtype=np.float32)
+        self._store_groups = np.full(len(bank), -1, dtype=np.int64)  # no training image
+        self._n_stored = self._n_offered = len(bank)
+        self._n_images_seen = self.__dict__.get("_n_images_seen", 0)
+        self.__dict__.pop("_calibration_sample", None)
+        for attribute in _LAZY:
+            self.__dict__.pop(attribute, None)
+
+    def _add_to_store(self, X):
+        """Reservoir-sample the patches of ``X`` into the store (vectorized per batch)."""
+        n_images, n_channels = X.shape[:2]
+        n_positions = X.shape[2] * X.shape[3]
+        n_new = n_images * n_positions
+        store = self.__dict__.get("_store")
+        n_stored = self.__dict__.get("_n_stored", 0)
+        capacity = math.inf if self.max_patches is None else self.max_patches
+        n_offered = self.__dict__.get("_n_offered", 0)
+        rng = self._stream_rng(0, n_offered)
+        positions, slots = _memory_bank.reservoir_slots(n_offered, n_new, capacity, rng)
+        new_size = max(n_stored, int(slots[-1]) + 1 if len(slots) else 0)
+        if store is None or new_size > len(store):
+            # With max_patches, one allocation of the whole store: pages of
+            # np.empty that are never written take no physical memory.
+            # Without, geometric growth.
+            if self.max_patches is not None:
+                size = max(self.max_patches, new_size)
+            else:
+                size = max(new_size, 2 * len(store)) if store is not None else new_size
+            grown = np.empty((size, n_channels), dtype=np.float32)
+            groups = np.empty(size, dtype=np.int64)
+            if store is not None:
+                grown[:n_stored] = store[:n_stored]
+                groups[:n_stored] = self._store_groups[:n_stored]
+            store, self._store_groups = grown, groups
+        images, where = np.divmod(positions, n_positions)
+        # gathered patch by patch from a view of X: no copy of the whole batch
+        store[slots] = X.reshape(n_images, n_channels, n_positions)[images, :, where]
+        self._store_groups[slots] = self._n_images_seen + images
+        self._store = store
+        self._n_stored = new_size
+        self._n_offered = n_offered + n_new
+        self.n_patches_seen_ += n_new
+
+    def _sample_for_calibration(self, X):
+        """Uniform reservoir sample of at most 32 of the streamed images, for ``offset_``."""
+        sample = self.__dict__.get("_calibration_sample")
+        if sample is None:
+            sample = np.empty((0, *X.shape[1:]), dtype=np.float32)
+            ids = np.empty(0, dtype=np.int64)
+            offered = 0
+        else:
+            ids, offered = self._calibration_ids, self._calibration_offered
+        rng = self._stream_rng(1, offered)
+        positions, slots = _memory_bank.reservoir_slots(offered, len(X), _CALIBRATION_SIZE, rng)
+        new_size = max(len(sample), int(slots[-1]) + 1 if len(slots) else 0)
+        if new_size > len(sample):
+            extra = new_size - len(sample)
+            sample = np.concatenate([sample, np.empty((extra, *X.shape[1:]), dtype=np.float32)])
+            ids = np.concatenate([ids, np.empty(extra, dtype=np.int64)])
+        sample[slots] = X[positions]
+        ids[slots] = self._n_images_seen + positions
+        self._calibration_sample, self._calibration_ids = sample, ids
+        self._calibration_offered = offered + len(X)
+
+    def _finalize(self):
+        """Coreset, memory bank and ``offset_`` from the store; frees the store."""
+        state = self.__dict__
+        store = state.pop("_store")[: self._n_stored]
+        store_groups = state.pop("_store_groups")[: self._n_stored]
+        sample, ids = state.pop("_calibration_sample"), state.pop("_calibration_ids")
+        for attribute in ("_n_stored", "_n_offered", "_calibration_offered"):
+            state.pop(attribute, None)
+        if not (store_groups < 0).any():
+            self._check_n_samples(self._n_images_seen, 2, type(self).__name__)
+        device = resolve_device(self.device)
+        with torch.inference_mode():
+            picks = self._select_coreset(store, check_random_state(self.random_state), device)
+            self.memory_bank_ = store[picks]
+            self.memory_weights_ = None
+            self.lof_threshold_ = None
+            self.n_patches_stored_ = len(store)
+            del store
+            loo = self.calibration == "leave-one-out"
+            self._train_scores = self._anomaly_scores(
+                sample, groups=store_groups[picks] if loo else None, image_ids=ids
+            )
+        self._set_offset(self._train_scores)
+
+    def __getattr__(self, name):
+        # Called only for attributes not set: after partial_fit, the coreset,
+        # the memory bank and offset_ are computed once, when first needed, so
+        # that the greedy selection runs once on the final store.
+        if name in _LAZY and "_store" in self.__dict__:
+            self._finalize()
+            return self.__dict__[name]
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+
+    def __getstate__(self):
+        if "_store" in self.__dict__:
+            self._finalize()  # save the coreset, not the store
+        return super().__getstate__()
 
     # ------------------------------------------------------------------ scoring
     def _bank(self, device):
@@ -362,15 +560,22 @@ class PatchCoreDetector(BasePatchDetector):
     def _image_scores(self, x, patch_scores=None):
         return self._score_chunk(x)[1]
 
-    def _anomaly_scores(self, X, patch_scores=None, groups=None):
-        """Image anomaly scores; ``groups`` (source image of each memory item) leaves images out."""
+    def _anomaly_scores(self, X, patch_scores=None, groups=None, image_ids=None):
+        """Image anomaly scores; ``groups`` (source image of each memory item) leaves images out.
+
+        ``image_ids`` are the training-image numbers of the rows of ``X``
+        (default: ``0 .. n - 1``), matched against ``groups``.
+        """
         device = resolve_device(self.device)
         bank_groups = None if groups is None else torch.as_tensor(groups, device=device)
+        ids = None if image_ids is None else torch.as_tensor(image_ids, device=device)
         scores = np.empty(len(X), dtype=X.dtype)
         with torch.inference_mode():
             for batch, x in self._iter_chunks(X, device):
                 query_groups = None
-                if bank_groups is not None:
+                if bank_groups is not None and ids is not None:
+                    query_groups = ids[batch]
+                elif bank_groups is not None:
                     query_groups = torch.arange(batch.start, batch.stop, device=device)
                 scores[batch] = to_numpy(self._score_chunk(x, query_groups, bank_groups)[1])
         return scores

@@ -120,6 +120,13 @@ class _NeighborhoodMLP(torch.nn.Module):
 
 
 # ---------------------------------------------------------------------- detector
+def _patch_rows(x, indices):
+    """Patches ``indices`` (into the image-major flat order) of ``x (N, C, h, w)`` as rows ``(k, C)``."""
+    n_images, n_channels = x.shape[:2]
+    images, positions = indices // (x.shape[2] * x.shape[3]), indices % (x.shape[2] * x.shape[3])
+    return x.reshape(n_images, n_channels, -1)[images, :, positions]
+
+
 class PNIDetector(BasePatchDetector):
     """PNI: patch likelihoods given the position and the neighbourhood of each patch.
 
@@ -292,7 +299,13 @@ class PNIDetector(BasePatchDetector):
     ``n_epochs`` passes of the MLP over ``max_train_patches`` patches,
     whose neighbourhood vectors are gathered per mini-batch (the training
     set is never unfolded). Memory beyond the embeddings: ``N h w`` indices
-    and the 128-d projection of the coreset selection. Scoring: per image,
+    and the 128-d projection of the coreset selection; the patches are not
+    copied into an ``(N h w, C)`` matrix (they are gathered from the
+    embeddings where needed), except when ``max_coreset_candidates`` is None
+    or not below ``N h w``. The fit needs all the embeddings at once (the
+    histogram counts every training patch's nearest ``C_dist`` element,
+    known only after the coreset: two passes), so it holds ``N C h w``
+    floats and has no ``partial_fit``. Scoring: per image,
     the MLP over ``h w`` neighbourhoods and the ``h w x |C_emb|`` distance
     matrix, in chunks of images sized by ``working_memory``. The fitted
     state is ``C_emb`` (grows with ``N``: 1 % of the patches), the
@@ -390,13 +403,16 @@ class PNIDetector(BasePatchDetector):
             if getattr(self, name) % 2 == 0:
                 raise ValueError(f"{name} must be odd, got {getattr(self, name)}.")
 
-    def _coresets(self, flat, device, rng):
-        """``C_emb`` indices into the flat patches (pick order) and ``|C_dist|``."""
-        n_patches = flat.shape[0]
+    def _coresets(self, x, device, rng):
+        """``C_emb`` indices into the flat patches (image-major, pick order) and ``|C_dist|``."""
+        n_images, n_channels = x.shape[:2]
+        n_patches = n_images * x.shape[2] * x.shape[3]
         n_emb = min(n_patches, max(2, math.ceil(self.coreset_ratio * n_patches)))
         seed = int(rng.randint(2**31 - 1))
         limit = self.max_coreset_candidates
         if limit is None or limit >= n_patches:
+            # every patch is a candidate: the (N h w, C) copy of the patches as rows
+            flat = x.permute(0, 2, 3, 1).reshape(-1, n_channels)
             return greedy_coreset(flat, n_emb, random_state=seed, device=device).cpu(), min(
                 self.n_dist, n_emb
             )
@@ -404,8 +420,8 @@ class PNIDetector(BasePatchDetector):
         # every candidate once, so this bounds both the time and the memory.
         sample = rng.choice(n_patches, max(limit, n_emb), replace=False)
         candidates = torch.as_tensor(np.sort(sample))
-        picks = greedy_coreset(flat[candidates], n_emb, random_state=seed, device=device).cpu()
-        return candidates[picks], min(self.n_dist, n_emb)
+        picks = greedy_coreset(_patch_rows(x, candidates), n_emb, random_state=seed, device=device)
+        return candidates[picks.cpu()], min(self.n_dist, n_emb)
 
     def _train_mlp(self, x, mean, scale, targets, n_classes, device, rng):
         """Train ``p(c | N_p(x))`` on a sample of patches; returns the fitted module and losses."""
@@ -483,20 +499,25 @@ class PNIDetector(BasePatchDetector):
         n_positions = height * width
         with torch.no_grad():
             x = as_tensor(X, "cpu", np.float32)
-            # (N * P, C) row-major over images then positions (a copy: the coreset
-            # and the nearest-neighbour search need patches as rows).
-            flat = x.permute(0, 2, 3, 1).reshape(-1, n_channels)
-            picks, n_dist = self._coresets(flat, device, rng)
-            emb = flat[picks].to(device)
+            # Patches are gathered from x as rows where needed, never copied
+            # all at once as an (N h w, C) matrix: the fit holds the
+            # embeddings once (see Notes).
+            picks, n_dist = self._coresets(x, device, rng)
+            emb = _patch_rows(x, picks).to(device)
             # Nearest C_dist element of every training patch: the MLP's targets
-            # and Algorithm 1's counts.
-            targets = nearest_neighbors(flat.to(device), emb[:n_dist])[1][:, 0].cpu()
+            # and Algorithm 1's counts (images in chunks of working_memory).
+            chunk = get_chunk_n_rows(row_bytes=4 * n_positions * n_channels, max_n_rows=n_images)
+            targets = torch.cat([
+                nearest_neighbors(
+                    x[batch].to(device).permute(0, 2, 3, 1).reshape(-1, n_channels), emb[:n_dist]
+                )[1][:, 0].cpu()
+                for batch in gen_batches(n_images, chunk)
+            ])
             self.dist_assignment_ = to_numpy(nearest_neighbors(emb, emb[:n_dist])[1][:, 0])
             self.dist_assignment_[:n_dist] = np.arange(n_dist)
-            mean = flat.mean(dim=0)
-            scale = flat.std(dim=0) if len(flat) > 1 else torch.ones_like(mean)
+            mean = x.mean(dim=(0, 2, 3))
+            scale = x.std(dim=(0, 2, 3)) if n_images * n_positions > 1 else torch.ones_like(mean)
             scale = torch.where(scale > 0, scale, torch.ones_like(scale))
-            del flat
             counts = self._position_counts(
                 targets.view(n_images, n_positions), n_dist, (height, width)
             )

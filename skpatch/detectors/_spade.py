@@ -98,7 +98,13 @@ class SPADEDetector(BasePatchDetector):
     **Cost.** For ``N`` training images, ``P = h x w`` positions and ``C``
     channels the fitted state is ``N P C`` floats (e.g. 761 ELPV cells at
     28 x 28 x 152: 363 MB; 56 x 56 x 176: 1.7 GB): it grows linearly with
-    the training set by nature. Scoring an image costs ``O(N g)`` for the
+    the training set by nature: the pixel score searches the patches of
+    the ``K`` nearest training images, which can be any of them, so no
+    bounded sample of the patches (as PatchCore's ``max_patches``) serves
+    without changing the method. The fit's peak is the input embeddings
+    plus this state (one copy, transposed to ``(N, P, C)``), and there is
+    no ``partial_fit`` (streaming would save the input's copy, not the
+    state). Scoring an image costs ``O(N g)`` for the
     image kNN and ``O(K P² C)`` for its gallery search, run in chunks
     bounded by scikit-learn's ``working_memory``.
 
