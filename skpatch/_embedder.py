@@ -132,8 +132,15 @@ class PatchEmbedder(TransformerMixin, BaseEstimator):
         three stages of stride 4, 8 and 16, as PaDiM uses).
     pool_size : int, default=1
         Side ``p`` of the local average pooling applied to every layer
-        (stride 1, same size; border patches average their in-image
-        neighbours). 1 means none; RPaDiM and PatchCore use 3. Must be odd.
+        (stride 1, same size). 1 means none; RPaDiM and PatchCore use 3.
+        Must be odd.
+    pool_padding : {"zeros", "exclude"}, default="zeros"
+        What the pooling window averages at the border of a feature map:
+        ``"zeros"`` counts the cells outside the map as zeros, as the
+        official PatchCore code (a zero-padded unfold) and anomalib do;
+        ``"exclude"`` averages only the cells inside the map. On ELPV poly
+        PatchCore's image AUROC is 0.894 with zeros and 0.882 without
+        (seed 0; ``doc/modules/patchcore.rst``).
     upsample_mode : {"nearest", "bilinear"}, default="nearest"
         Interpolation that brings every layer to the largest map. ``"nearest"``
         repeats each coarse feature over its patch, as PaDiM's reference code does.
@@ -200,6 +207,7 @@ class PatchEmbedder(TransformerMixin, BaseEstimator):
         "weights": [StrOptions({"imagenet"}), str, os.PathLike, None],
         "layers": [list, tuple, None],
         "pool_size": [Interval(Integral, 1, None, closed="left")],
+        "pool_padding": [StrOptions({"zeros", "exclude"})],
         "upsample_mode": [StrOptions({"nearest", "bilinear"})],
         "image_size": [Interval(Integral, 1, None, closed="left"), tuple, list, None],
         "crop_size": [Interval(Integral, 1, None, closed="left"), tuple, list, None],
@@ -216,6 +224,7 @@ class PatchEmbedder(TransformerMixin, BaseEstimator):
         weights="imagenet",
         layers=None,
         pool_size=1,
+        pool_padding="zeros",
         upsample_mode="nearest",
         image_size=256,
         crop_size=224,
@@ -228,6 +237,7 @@ class PatchEmbedder(TransformerMixin, BaseEstimator):
         self.weights = weights
         self.layers = layers
         self.pool_size = pool_size
+        self.pool_padding = pool_padding
         self.upsample_mode = upsample_mode
         self.image_size = image_size
         self.crop_size = crop_size
@@ -338,8 +348,9 @@ class PatchEmbedder(TransformerMixin, BaseEstimator):
         """Pool, upsample to the largest map and concatenate (PaDiM §III-A)."""
         if self.pool_size > 1:
             pad = self.pool_size // 2
+            zeros = self.pool_padding == "zeros"
             features = [
-                F.avg_pool2d(f, self.pool_size, stride=1, padding=pad, count_include_pad=False)
+                F.avg_pool2d(f, self.pool_size, stride=1, padding=pad, count_include_pad=zeros)
                 for f in features
             ]
         size = max((f.shape[-2:] for f in features), key=lambda s: s[0] * s[1])

@@ -543,7 +543,9 @@ def _fit(args):
     transformers, detector = _split(pipe)
     _say(args, f"fitting {args.detector} ({type(detector).__name__}) on {len(paths)} images")
     start = time.perf_counter()
-    streamable = isinstance(pipe, Pipeline) and hasattr(detector, "partial_fit")
+    # PatchCore's LOF denoising compares all training images at once: no streaming.
+    streamable = (isinstance(pipe, Pipeline) and hasattr(detector, "partial_fit")
+                  and getattr(detector, "denoising", None) is None)
     if args.stream == "always" and not streamable:
         raise CommandLineError(
             f"the {args.detector} detector has no partial_fit: it needs all training "

@@ -109,6 +109,11 @@ def test_stream_always_needs_partial_fit(folders, capsys):
     err = _error(["fit", "--normal", str(folders / "good"), "--out", str(folders / "m.joblib"),
                   "--detector", "rpadim", "--stream", "always", *TINY], capsys)
     assert "cannot stream" in err
+    # PatchCore streams, except with LOF denoising, which needs every image at once
+    err = _error(["fit", "--normal", str(folders / "good"), "--out", str(folders / "m.joblib"),
+                  "--detector", "patchcore", "-p", "denoising=lof", "--stream", "always",
+                  *TINY], capsys)
+    assert "cannot stream" in err
 
 
 def test_fit_without_partial_fit_embeds_in_batches(folders, monkeypatch):

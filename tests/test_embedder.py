@@ -58,11 +58,18 @@ def test_layers_and_pooling(images):
     plain = tiny().transform(images[:2])
     assert pooled.shape == plain.shape
     assert not np.allclose(pooled, plain)
-    # pooling with stride 1: the centre of a 3x3 window is its mean (stage1 channels)
-    manual = torch.nn.functional.avg_pool2d(
-        torch.from_numpy(plain[:, :24]), 3, 1, 1, count_include_pad=False
-    )
-    np.testing.assert_allclose(pooled[:, :24], manual.numpy(), rtol=1e-5, atol=1e-6)
+    # pooling with stride 1: the centre of a 3x3 window is its mean (stage1
+    # channels), cells beyond the border counting as zeros (official PatchCore)
+    # or left out
+    padded = np.pad(plain[:, :24], ((0, 0), (0, 0), (1, 1), (1, 1)))
+    inside = np.pad(np.ones(plain.shape[-2:]), 1)
+    h, w = plain.shape[-2:]
+    window_sum = sum(padded[..., i:i + h, j:j + w] for i in range(3) for j in range(3))
+    window_count = sum(inside[i:i + h, j:j + w] for i in range(3) for j in range(3))
+    np.testing.assert_allclose(pooled[:, :24], window_sum / 9, rtol=1e-5, atol=1e-6)
+    excluded = tiny(pool_size=3, pool_padding="exclude").transform(images[:2])
+    np.testing.assert_allclose(excluded[:, :24], window_sum / window_count, rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(excluded[:, :24, 1:-1, 1:-1], pooled[:, :24, 1:-1, 1:-1])
 
 
 def test_bilinear_upsampling_differs_from_nearest(images):
