@@ -33,6 +33,11 @@ EXTRAS_REQUIRE = {
         "hypothesis>=6.0",  # fuzzing of the public entry points
         "skops>=0.10",  # safe persistence test
         "dask[distributed]>=2023.1",  # grid search on a LocalCluster
+        # tests/test_docs.py builds the documentation (tests/test_examples.py
+        # runs the gallery with matplotlib and elpv-dataset, above).
+        "sphinx>=7",
+        "sphinx-gallery>=0.15",
+        "pydata-sphinx-theme>=0.15",
     ],
     "examples": ["matplotlib>=3.5", "elpv-dataset>=1.0"],
     "docs": [

@@ -39,10 +39,11 @@ from skpatch.plotting import AnomalyRocDisplay, ProCurveDisplay, plot_anomaly_gr
 X_train, X_test, y_test = load_elpv_split("mono", random_state=0)
 good = X_test[y_test == 0]
 X_train = X_train[:100]
-painted, painted_masks = make_synthetic_defects(good[20:40], random_state=0)
-X = np.concatenate([good[:20], painted])
+n = min(20, len(good) // 2)
+painted, painted_masks = make_synthetic_defects(good[n:2 * n], random_state=0)
+X = np.concatenate([good[:n], painted])
 masks = np.concatenate([np.zeros_like(painted_masks), painted_masks])
-y = np.r_[np.zeros(20, int), np.ones(20, int)]
+y = np.r_[np.zeros(n, int), np.ones(n, int)]
 print(f"train: {len(X_train)} good cells; test: {len(X)} cells of {X.shape[1:]} pixels, "
       f"{y.sum()} with a synthetic defect")
 
