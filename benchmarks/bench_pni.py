@@ -170,9 +170,11 @@ def main(argv=None):
                         help="subsample: 60 normal training images per data set")
     parser.add_argument("--limit", type=int, default=None,
                         help="training images per data set (overrides --quick)")
+    parser.add_argument("--map-folds", type=int, default=None,
+                        help="the refiner's map_folds (out-of-fold coarse maps)")
     args = parser.parse_args(argv)
     limit = args.limit or (60 if args.quick else None)
-    refiner_params = {}
+    refiner_params = {} if args.map_folds is None else {"map_folds": args.map_folds}
 
     start = time.perf_counter()
     rows = []
