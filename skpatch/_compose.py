@@ -82,7 +82,9 @@ def fit_in_batches(estimator, X, *, batch_size=64):
     Returns
     -------
     estimator : Pipeline or detector
-        The fitted estimator.
+        The fitted estimator, finished: what ``partial_fit`` defers to
+        first use (the ``offset_`` threshold; PatchCore's coreset) is
+        computed before it returns.
 
     Examples
     --------
@@ -116,4 +118,8 @@ def fit_in_batches(estimator, X, *, batch_size=64):
         for transformer in transformers:
             Xt = transformer.transform(Xt)
         detector.partial_fit(np.asarray(Xt) if isinstance(Xt, list) else Xt)
+    # The stream has ended: finish the model now (partial_fit defers the
+    # threshold, and PatchCore its coreset, to first use), so that the fit
+    # time is spent here and not in the first call to score.
+    getattr(detector, "offset_", None)
     return estimator
