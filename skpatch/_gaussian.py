@@ -58,6 +58,26 @@ def merge_moments(first, second):
     return count, mean, scatter
 
 
+def merge_moments_(first, second):
+    """:func:`merge_moments` that updates ``first``'s mean and scatter in place.
+
+    A streamed fit merges every batch into ``(P, d, d)`` scatters: in place,
+    the merge allocates nothing of that size (the out-of-place formula makes
+    three such temporaries per batch).
+    """
+    if first is None:
+        return second
+    n_a, mean_a, scatter_a = first
+    n_b, mean_b, scatter_b = second
+    count = n_a + n_b
+    delta = mean_b - mean_a
+    scatter_a.add_(scatter_b).baddbmm_(
+        delta.unsqueeze(2), delta.unsqueeze(1), alpha=n_a * n_b / count
+    )
+    mean_a.add_(delta, alpha=n_b / count)
+    return count, mean_a, scatter_a
+
+
 def leave_one_out_sq(sq_distances, count):
     """Squared Mahalanobis distances of training samples to the model fitted without them.
 

@@ -1,4 +1,5 @@
 import numpy as np
+import pytest
 import torch
 
 from skpatch import _gaussian
@@ -25,15 +26,27 @@ def test_reference_moments_match_numpy_cov():
         np.testing.assert_allclose(scatter[p] / (count - 1), np.cov(x[p].T.numpy()))
 
 
-def test_merge_equals_one_shot():
+@pytest.mark.parametrize("merge", [_gaussian.merge_moments, _gaussian.merge_moments_])
+def test_merge_equals_one_shot(merge):
     x = _x()
     merged = None
     for part in (x[:, :1], x[:, 1:7], x[:, 7:]):
-        merged = _gaussian.merge_moments(merged, batch_moments(part))
+        merged = merge(merged, batch_moments(part))
     whole = batch_moments(x)
     assert merged[0] == whole[0]
     np.testing.assert_allclose(merged[1], whole[1])
     np.testing.assert_allclose(merged[2], whole[2])
+
+
+def test_in_place_merge_updates_the_first_moments_only():
+    first, second = batch_moments(_x(0)), batch_moments(_x(1))
+    second_copy = [t.clone() if torch.is_tensor(t) else t for t in second]
+    expected = _gaussian.merge_moments(first, second)
+    merged = _gaussian.merge_moments_(first, second)
+    assert merged[1] is first[1] and merged[2] is first[2]
+    np.testing.assert_allclose(merged[2], expected[2])
+    for a, b in zip(second, second_copy):
+        np.testing.assert_array_equal(a, b)
 
 
 def test_regularized_covariance_is_eq1():

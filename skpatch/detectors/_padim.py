@@ -171,7 +171,8 @@ class PaDiMDetector(BaseGaussianDetector):
                 as_tensor(self.mean_, device),
                 as_tensor(self.scatter_, device),
             )
-        moments = _gaussian.merge_moments(previous, self._moments(X, device))
+        # In place: the running sums are the only (P, d, d) arrays of a stream.
+        moments = _gaussian.merge_moments_(previous, self._moments(X, device))
         self.n_samples_seen_ = int(moments[0])
         self.mean_ = to_numpy(moments[1])
         self.scatter_ = to_numpy(moments[2])
@@ -258,15 +259,16 @@ class PaDiMDetector(BaseGaussianDetector):
         n_offered = self.__dict__.get("_n_offered", 0)
         seed = check_random_state(self.random_state).randint(2**31)
         rng = np.random.default_rng([seed, n_offered])  # reproducible across calls
-        X = X[:, self.feature_indices_]
+        channels = self.feature_indices_
         if sample is None:
-            sample = np.empty((0, *X.shape[1:]), dtype=X.dtype)
+            sample = np.empty((0, len(channels), *X.shape[2:]), dtype=X.dtype)
         n_free = max(0, _CALIBRATION_SIZE - len(sample))
-        sample = np.concatenate([sample, X[:n_free]])
+        if n_free:
+            sample = np.concatenate([sample, X[:n_free, channels]])
         for i in range(n_free, len(X)):  # one draw per image, not per patch
             slot = rng.integers(n_offered + i + 1)
             if slot < _CALIBRATION_SIZE:
-                sample[slot] = X[i]
+                sample[slot] = X[i, channels]  # only the images kept are gathered
         self._calibration_sample = sample
         self._n_offered = n_offered + len(X)
 
