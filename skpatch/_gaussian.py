@@ -48,14 +48,8 @@ def merge_moments(first, second):
     """
     if first is None:
         return second
-    n_a, mean_a, scatter_a = first
-    n_b, mean_b, scatter_b = second
-    count = n_a + n_b
-    delta = mean_b - mean_a
-    mean = mean_a + delta * (n_b / count)
-    outer = delta.unsqueeze(2) * delta.unsqueeze(1)
-    scatter = scatter_a + scatter_b + outer * (n_a * n_b / count)
-    return count, mean, scatter
+    count, mean, scatter = first
+    return merge_moments_((count, mean.clone(), scatter.clone()), second)
 
 
 def merge_moments_(first, second):
