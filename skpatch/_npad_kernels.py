@@ -197,6 +197,22 @@ def topk_image_score(d1, features, centroids, k):
     return (euclid * top.sort(dim=1).values).sum(dim=1)
 
 
+def _cluster_sums(points, labels, n_clusters):
+    """Sum and count of the ``points`` of each cluster, in a fixed order on every device.
+
+    ``index_add_`` sums in any order on CUDA (atomic adds): one ulp of
+    difference can move a point to another cluster at the next iteration,
+    and two fits with one seed would differ. Sorting by label and differencing
+    a float64 running sum is deterministic everywhere.
+    """
+    counts = torch.bincount(labels, minlength=n_clusters)
+    running = torch.cumsum(points[torch.argsort(labels, stable=True)].double(), dim=0)
+    running = torch.cat([running.new_zeros(1, points.shape[1]), running])
+    ends = counts.cumsum(0)
+    sums = (running[ends] - running[ends - counts]).to(points.dtype)
+    return sums, counts.to(points.dtype)
+
+
 def kmeans(points, n_clusters, generator, max_iter=30, tol=1e-4, chunk_size=4096):
     """Lloyd's k-means of ``points (n, d)``: centroids ``(n_clusters, d)`` and iterations run.
 
@@ -221,8 +237,7 @@ def kmeans(points, n_clusters, generator, max_iter=30, tol=1e-4, chunk_size=4096
             .argmin(1)
             for start in range(0, n, chunk_size)
         ])
-        sums = torch.zeros_like(centroids).index_add_(0, labels, points)
-        counts = torch.bincount(labels, minlength=n_clusters).to(points.dtype)
+        sums, counts = _cluster_sums(points, labels, n_clusters)
         filled = counts > 0
         updated = torch.where(filled[:, None], sums / counts.clamp_min(1)[:, None], centroids)
         shift = (updated - centroids).square().sum(1).max()
