@@ -165,6 +165,13 @@ class PatchEmbedder(TransformerMixin, BaseEstimator):
         whatever ``pool_size``, ``upsample_mode`` or ``layers`` (among those
         cached). None disables the cache. Files go to
         ``<memory>/skpatch_features/`` and are never deleted by skpatch.
+    output : {"numpy", "torch"}, default="numpy"
+        What :meth:`transform` returns: a NumPy array in host memory, or a
+        torch tensor on ``device``. On a GPU, ``"torch"`` keeps the
+        embeddings there from the network through a skpatch detector's
+        scoring (``score_samples``, ``anomaly_map``), which then costs no
+        copy to the host and back (see :ref:`gpu`); every skpatch detector
+        accepts either. Other scikit-learn estimators need ``"numpy"``.
 
     Attributes
     ----------
@@ -215,6 +222,7 @@ class PatchEmbedder(TransformerMixin, BaseEstimator):
         "batch_size": [Interval(Integral, 1, None, closed="left")],
         "verbose": ["verbose"],
         "memory": [None, str, os.PathLike, HasMethods(["cache"])],
+        "output": [StrOptions({"numpy", "torch"})],
     }
 
     def __init__(
@@ -232,6 +240,7 @@ class PatchEmbedder(TransformerMixin, BaseEstimator):
         batch_size=32,
         verbose=0,
         memory=None,
+        output="numpy",
     ):
         self.backbone = backbone
         self.weights = weights
@@ -245,6 +254,7 @@ class PatchEmbedder(TransformerMixin, BaseEstimator):
         self.batch_size = batch_size
         self.verbose = verbose
         self.memory = memory
+        self.output = output
 
     def __setstate__(self, state):
         # An embedder saved with device="cuda" loads on a CPU-only machine.
@@ -419,17 +429,21 @@ class PatchEmbedder(TransformerMixin, BaseEstimator):
 
         Returns
         -------
-        embeddings : ndarray of shape (n, C, h, w), dtype float32
+        embeddings : ndarray or torch.Tensor of shape (n, C, h, w), float32
             Patch embeddings; ``C`` is the sum of the channels of ``layers``.
+            A tensor on ``device`` with ``output="torch"``.
         """
         out = None
         for batch, embeddings in self.iter_tensors(X):
             if out is None:
-                n_images = len(X)
-                out = np.empty((n_images, *embeddings.shape[1:]), dtype=np.float32)
+                shape = (len(X), *embeddings.shape[1:])
+                if self.output == "torch":
+                    out = torch.empty(shape, dtype=torch.float32, device=embeddings.device)
+                else:
+                    out = torch.from_numpy(np.empty(shape, dtype=np.float32))
             # torch's copy_ handles the channels_last -> NCHW transpose in parallel.
-            torch.from_numpy(out[batch]).copy_(embeddings)
-        return out
+            out[batch].copy_(embeddings)
+        return out if self.output == "torch" else out.numpy()
 
     def __sklearn_tags__(self):
         tags = super().__sklearn_tags__()

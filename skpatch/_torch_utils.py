@@ -57,7 +57,10 @@ def cpu_fallback_state(state, owner):
 
 
 def as_tensor(array, device, dtype=None):
-    """NumPy array -> tensor on ``device`` without a copy on the CPU when possible."""
+    """NumPy array (or tensor) -> tensor on ``device``, without a copy when possible."""
+    if torch.is_tensor(array):
+        dtype = None if dtype is None else torch.from_numpy(np.empty(0, dtype)).dtype
+        return array.to(device=device, dtype=dtype)
     array = np.asarray(array)
     if dtype is not None:
         array = array.astype(dtype, copy=False)
@@ -87,6 +90,18 @@ def single_threaded():
 def to_numpy(tensor):
     """Tensor (any device) -> NumPy array on the CPU."""
     return tensor.detach().cpu().numpy()
+
+
+def to_host(x):
+    """NumPy array or tensor (any device) -> NumPy array."""
+    return to_numpy(x) if torch.is_tensor(x) else np.asarray(x)
+
+
+def numpy_dtype(dtype):
+    """The NumPy dtype of a NumPy or torch dtype."""
+    if isinstance(dtype, torch.dtype):
+        return torch.empty(0, dtype=dtype).numpy().dtype
+    return np.dtype(dtype)
 
 
 # torch >= 2.5 names it torch.OutOfMemoryError; torch.cuda.OutOfMemoryError is the same class.

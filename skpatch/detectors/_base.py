@@ -14,6 +14,7 @@ detector, which scikit-learn's common checks exercise.
 import functools
 import math
 import warnings
+import weakref
 from abc import abstractmethod
 from numbers import Integral, Real
 
@@ -27,7 +28,14 @@ from sklearn.utils.validation import check_array, check_is_fitted, validate_data
 
 from .. import _gaussian
 from .._maps import map_size_tuple, postprocess
-from .._torch_utils import as_tensor, cpu_fallback_state, oom_advice, resolve_device, to_numpy
+from .._torch_utils import (
+    as_tensor,
+    cpu_fallback_state,
+    numpy_dtype,
+    oom_advice,
+    resolve_device,
+    to_numpy,
+)
 from ..exceptions import DegenerateTrainingSetWarning
 
 
@@ -35,6 +43,10 @@ from ..exceptions import DegenerateTrainingSetWarning
 _OOM_METHODS = (
     "fit", "partial_fit", "score_samples", "decision_function", "predict", "anomaly_map"
 )
+
+
+# Detector -> {(name, device): (fitted arrays, tensors made from them)}.
+_DEVICE_COPIES = weakref.WeakKeyDictionary()
 
 
 def _with_oom_advice(method):
@@ -89,13 +101,47 @@ class BasePatchDetector(OutlierMixin, BaseEstimator):
         # A detector saved with device="cuda" loads on a CPU-only machine.
         super().__setstate__(cpu_fallback_state(state, type(self).__name__))
 
+    def _on_device(self, key, device, sources, build):
+        """``build()``, tensors made on ``device`` from the fitted arrays ``sources``, once.
+
+        On a GPU, copying the fitted statistics at every call would cost more
+        than the scoring itself (PaDiM's precision factors are hundreds of
+        MB). The copies are kept while the attributes hold the same arrays
+        (a refit makes new ones), outside the estimator's ``__dict__`` (never
+        saved or cloned; predict leaves the estimator unchanged); on the
+        CPU, tensors share the arrays' memory and nothing is kept.
+        """
+        if torch.device(device).type == "cpu":
+            return build()
+        copies = _DEVICE_COPIES.setdefault(self, {})
+        key = (key, str(device))
+        kept = copies.get(key)
+        if kept is None or len(kept[0]) != len(sources) or any(
+            a is not b for a, b in zip(kept[0], sources)
+        ):
+            kept = copies[key] = (sources, build())
+        return kept[1]
+
+    def _fitted_tensor(self, name, device):
+        """The fitted array ``name`` (or None) as a tensor on ``device``; see :meth:`_on_device`."""
+        array = getattr(self, name)
+        if array is None:
+            return None
+        return self._on_device(name, device, (array,), lambda: as_tensor(array, device))
+
     # ------------------------------------------------------------------ input
-    def _validate_embeddings(self, X, *, reset):
+    def _validate_embeddings(self, X, *, reset, keep_tensor=False):
         """Check ``X`` and return it as ``(n, C, h, w)`` floats.
 
         ``reset=True`` records ``n_features_in_`` (C) and ``grid_shape_``
-        (h, w); otherwise ``X`` must match them.
+        (h, w); otherwise ``X`` must match them. A torch tensor (from
+        ``PatchEmbedder(output="torch")``) stays one, on its device, when
+        ``keep_tensor=True`` (scoring); otherwise it becomes a NumPy array.
         """
+        if torch.is_tensor(X):
+            if keep_tensor:
+                return self._validate_tensor(X, reset=reset)
+            X = to_numpy(X)
         ndim = X.ndim if hasattr(X, "ndim") else np.asarray(X).ndim
         dtype = [np.float64, np.float32]
         if ndim == 2 or ndim < 2:
@@ -132,14 +178,44 @@ class BasePatchDetector(OutlierMixin, BaseEstimator):
         grid = tuple(X.shape[2:])
         if reset:
             self.grid_shape_ = grid
-        elif grid != tuple(self.grid_shape_):
+        else:
+            self._check_grid(grid)
+        return X
+
+    def _validate_tensor(self, X, *, reset):
+        """:meth:`_validate_embeddings` of a tensor, which stays on its device."""
+        if X.ndim == 2:
+            X = X[:, :, None, None]
+        if X.ndim != 4 or 0 in X.shape:
+            raise ValueError(
+                f"X has shape {tuple(X.shape)}: expected patch embeddings (n, C, h, w) from "
+                "PatchEmbedder, or a 2-D array (n, d) of one patch per sample."
+            )
+        if not X.is_floating_point():
+            raise ValueError(f"X has dtype {X.dtype}: patch embeddings are floats.")
+        if X.dtype not in (torch.float32, torch.float64):
+            X = X.float()  # half precision: score in float32
+        if not bool(torch.isfinite(X).all()):
+            raise ValueError("Input X contains NaN or infinity.")
+        if reset:
+            self.n_features_in_, self.grid_shape_ = X.shape[1], tuple(X.shape[2:])
+        elif X.shape[1] != self.n_features_in_:
+            raise ValueError(
+                f"X has {X.shape[1]} features, but {type(self).__name__} is expecting "
+                f"{self.n_features_in_} features as input."
+            )
+        else:
+            self._check_grid(tuple(X.shape[2:]))
+        return X.detach()
+
+    def _check_grid(self, grid):
+        if grid != tuple(self.grid_shape_):
             raise ValueError(
                 f"X has a {grid[0]}x{grid[1]} grid of patches but {type(self).__name__} was "
                 f"fitted on a {self.grid_shape_[0]}x{self.grid_shape_[1]} grid: embed test "
                 "images with the same PatchEmbedder settings (image_size, crop_size, "
                 "layers) as the training images."
             )
-        return X
 
     @staticmethod
     def _check_n_samples(n_samples, minimum, name):
@@ -152,7 +228,7 @@ class BasePatchDetector(OutlierMixin, BaseEstimator):
     # ------------------------------------------------------------------ chunks
     def _bytes_per_image(self, X):
         """Working memory one image needs while scored (override for heavier methods)."""
-        return 4 * X[0].size * X.itemsize
+        return 4 * math.prod(X.shape[1:]) * X.itemsize
 
     def _iter_chunks(self, X, device):
         """Yield ``(slice, tensor on device)`` chunks sized by ``sklearn.get_config()['working_memory']``."""
@@ -184,10 +260,15 @@ class BasePatchDetector(OutlierMixin, BaseEstimator):
         maps = postprocess(grid, map_size_tuple(self.map_size), self.sigma)
         return maps.flatten(1).amax(dim=1)
 
+    @staticmethod
+    def _empty_scores(X):
+        """Image-score array for embeddings ``X`` (array or tensor): of their dtype."""
+        return np.empty(len(X), numpy_dtype(X.dtype))
+
     def _anomaly_scores(self, X, patch_scores=None):
         """Image anomaly scores (higher = more anomalous) of validated embeddings."""
         device = resolve_device(self.device)
-        scores = np.empty(len(X), dtype=X.dtype)
+        scores = self._empty_scores(X)
         with torch.inference_mode():
             for batch, x in self._iter_chunks(X, device):
                 scores[batch] = to_numpy(self._image_scores(x, patch_scores))
@@ -201,7 +282,7 @@ class BasePatchDetector(OutlierMixin, BaseEstimator):
         """
         nan = np.isnan(scores.reshape(len(scores), -1)).any(axis=1)
         if nan.any():
-            largest = float(np.abs(X[nan]).max())
+            largest = float(abs(X[np.flatnonzero(nan)]).max())
             raise ValueError(
                 f"{type(self).__name__} computed NaN anomaly scores for {int(nan.sum())} "
                 f"image(s) (the first is X[{int(np.flatnonzero(nan)[0])}]): their embeddings "
@@ -241,7 +322,7 @@ class BasePatchDetector(OutlierMixin, BaseEstimator):
             ``map_size`` (the grid size when ``map_size=None``).
         """
         self._check_scorable()
-        X = self._validate_embeddings(X, reset=False)
+        X = self._validate_embeddings(X, reset=False, keep_tensor=True)
         device = resolve_device(self.device)
         out = None
         with torch.inference_mode():
@@ -269,7 +350,7 @@ class BasePatchDetector(OutlierMixin, BaseEstimator):
             for outlier detectors).
         """
         self._check_scorable()
-        X = self._validate_embeddings(X, reset=False)
+        X = self._validate_embeddings(X, reset=False, keep_tensor=True)
         scores = self._anomaly_scores(X)
         self._check_not_nan(scores, X)
         return -scores
@@ -313,8 +394,8 @@ class BaseGaussianDetector(BasePatchDetector):
     Shares the random channel subset (PaDiM §III-A), the regularized
     covariance and its Cholesky factor (eq. 1) and the batched Mahalanobis
     patch scores (eq. 2). Subclasses estimate the center and scatter (the
-    mean for PaDiM, the geometric median for RPaDiM) and implement
-    ``_scoring_state``.
+    mean for PaDiM, the geometric median for RPaDiM) and name the fitted
+    center and precision factor in ``_scoring_state``.
     """
 
     _parameter_constraints = {
@@ -418,14 +499,12 @@ class BaseGaussianDetector(BasePatchDetector):
 
         return patch_scores
 
-    @abstractmethod
-    def _scoring_state(self):
-        """Fitted ``(center (P, d), precision_cholesky (P, d, d))`` NumPy arrays."""
+    #: Names of the fitted ``center (P, d)`` and ``precision_cholesky (P, d, d)``.
+    _scoring_state = ("mean_", "precision_cholesky_")
 
     def _patch_scores(self, x):
-        center, prec_chol = self._scoring_state()
-        scorer = self._patch_scorer(as_tensor(center, x.device), as_tensor(prec_chol, x.device))
-        return scorer(x)
+        center, prec_chol = (self._fitted_tensor(name, x.device) for name in self._scoring_state)
+        return self._patch_scorer(center, prec_chol)(x)
 
 
 def locally_aware_embedder(backbone, embedder_params=None):

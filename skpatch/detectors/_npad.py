@@ -14,7 +14,7 @@ from .. import _gaussian, _npad_kernels
 from .._embedder import PatchEmbedder
 from .._maps import map_size_tuple, postprocess
 from .._shift import ImageShiftDetector
-from .._torch_utils import as_tensor, resolve_device, to_numpy
+from .._torch_utils import resolve_device, to_numpy
 from ._base import BaseGaussianDetector, BasePatchDetector
 
 
@@ -400,8 +400,7 @@ class NPadDetector(BaseGaussianDetector):
         return self
 
     # ------------------------------------------------------------------ scoring
-    def _scoring_state(self):
-        return self.weighted_mean_, self.weighted_precision_cholesky_
+    _scoring_state = ("weighted_mean_", "weighted_precision_cholesky_")
 
     def _bytes_per_image(self, X):
         n_positions = X.shape[2] * X.shape[3]
@@ -417,18 +416,18 @@ class NPadDetector(BaseGaussianDetector):
         if self._uses_weighted:
             d1 = _npad_kernels.neighbour_min_mahalanobis(
                 selected,
-                as_tensor(self.weighted_mean_, x.device),
-                as_tensor(self.weighted_precision_cholesky_, x.device),
+                self._fitted_tensor("weighted_mean_", x.device),
+                self._fitted_tensor("weighted_precision_cholesky_", x.device),
                 self.q,
             )
         if self._uses_aggregated or self.image_score == "top-k":
             agg = _npad_kernels.aggregate(selected, self.p)
         if self._uses_aggregated:
-            mean = as_tensor(self.aggregated_mean_, x.device)
+            mean = self._fitted_tensor("aggregated_mean_", x.device)
             d2 = _gaussian.mahalanobis(
                 _grid_positions(agg),
                 mean,
-                as_tensor(self.aggregated_precision_cholesky_, x.device),
+                self._fitted_tensor("aggregated_precision_cholesky_", x.device),
             ).T.reshape(len(x), h, w)
         return d1, d2, agg
 
@@ -454,7 +453,7 @@ class NPadDetector(BaseGaussianDetector):
             maps = postprocess(grid, map_size_tuple(self.map_size), self.sigma)
             return maps.flatten(1).amax(dim=1)
         mahalanobis = d1 if d1 is not None else d2
-        centroids = as_tensor(self.centroids_, x.device)
+        centroids = self._fitted_tensor("centroids_", x.device)
         return _npad_kernels.topk_image_score(mahalanobis, agg, centroids, self.top_k)
 
 

@@ -6,7 +6,7 @@ from sklearn.base import _fit_context
 from sklearn.utils import check_random_state
 
 from .. import _gaussian
-from .._torch_utils import as_tensor, resolve_device, to_numpy
+from .._torch_utils import as_tensor, numpy_dtype, resolve_device, to_host, to_numpy
 from ._base import BaseGaussianDetector
 
 # Training images kept by partial_fit to calibrate offset_ (selected channels
@@ -59,7 +59,10 @@ class PaDiMDetector(BaseGaussianDetector):
         Seeds the channel subset.
     device : str, default="auto"
         Torch device for the statistics and scoring; "auto" uses CUDA when
-        available. The fitted state is NumPy whatever the device.
+        available. The fitted state is NumPy whatever the device (on a
+        GPU, :meth:`partial_fit` keeps its running sums there between
+        batches and copies ``mean_`` and ``scatter_`` to the host when
+        first read).
 
     Attributes
     ----------
@@ -164,8 +167,8 @@ class PaDiMDetector(BaseGaussianDetector):
         None while fewer than 2 images have been seen or ``whiten=False``
         (the precision factor is then computed on first use).
         """
-        previous = None
-        if getattr(self, "n_samples_seen_", 0):
+        previous = self.__dict__.pop("_running", None)
+        if previous is None and getattr(self, "n_samples_seen_", 0):
             previous = (
                 self.n_samples_seen_,
                 as_tensor(self.mean_, device),
@@ -174,8 +177,16 @@ class PaDiMDetector(BaseGaussianDetector):
         # In place: the running sums are the only (P, d, d) arrays of a stream.
         moments = _gaussian.merge_moments_(previous, self._moments(X, device))
         self.n_samples_seen_ = int(moments[0])
-        self.mean_ = to_numpy(moments[1])
-        self.scatter_ = to_numpy(moments[2])
+        self.__dict__.pop("mean_", None)
+        self.__dict__.pop("scatter_", None)
+        if whiten or torch.device(device).type == "cpu":
+            self.mean_ = to_numpy(moments[1])  # on the CPU: the tensors' memory
+            self.scatter_ = to_numpy(moments[2])
+        if not whiten:
+            # Streaming: the next batch merges into these sums in place. On a
+            # GPU they stay there between batches, and mean_ and scatter_ are
+            # copied to the host on first use (__getattr__), not per batch.
+            self._running = moments
         count = moments[0]
         self.__dict__.pop("precision_cholesky_", None)
         if count < 2 or not whiten:
@@ -201,10 +212,10 @@ class PaDiMDetector(BaseGaussianDetector):
         self : PaDiMDetector
             The fitted detector.
         """
-        X = self._validate_embeddings(X, reset=True)
+        X = self._validate_embeddings(X, reset=True, keep_tensor=True)
         self._check_n_samples(len(X), 2, type(self).__name__)
         for attribute in ("n_samples_seen_", "precision_cholesky_", "_train_scores",
-                          "_calibration_sample", "_n_offered"):
+                          "_calibration_sample", "_n_offered", "_running"):
             self.__dict__.pop(attribute, None)
         self.feature_indices_ = self._select_features(X.shape[1])
         device = resolve_device(self.device)
@@ -236,7 +247,7 @@ class PaDiMDetector(BaseGaussianDetector):
             The updated detector.
         """
         first = not hasattr(self, "n_samples_seen_")
-        X = self._validate_embeddings(X, reset=first)
+        X = self._validate_embeddings(X, reset=first, keep_tensor=True)
         if first:
             self.feature_indices_ = self._select_features(X.shape[1])
         with torch.inference_mode():
@@ -261,14 +272,17 @@ class PaDiMDetector(BaseGaussianDetector):
         rng = np.random.default_rng([seed, n_offered])  # reproducible across calls
         channels = self.feature_indices_
         if sample is None:
-            sample = np.empty((0, len(channels), *X.shape[2:]), dtype=X.dtype)
+            sample = np.empty((0, len(channels), *X.shape[2:]), dtype=numpy_dtype(X.dtype))
         n_free = max(0, _CALIBRATION_SIZE - len(sample))
         if n_free:
-            sample = np.concatenate([sample, X[:n_free, channels]])
-        for i in range(n_free, len(X)):  # one draw per image, not per patch
+            sample = np.concatenate([sample, to_host(X[:n_free][:, channels])])
+        kept = {}  # slot -> image: one draw per image, not per patch
+        for i in range(n_free, len(X)):
             slot = rng.integers(n_offered + i + 1)
             if slot < _CALIBRATION_SIZE:
-                sample[slot] = X[i, channels]  # only the images kept are gathered
+                kept[int(slot)] = i
+        if kept:  # only the images kept are gathered (and copied to the host)
+            sample[list(kept)] = to_host(X[list(kept.values())][:, channels])
         self._calibration_sample = sample
         self._n_offered = n_offered + len(X)
 
@@ -294,19 +308,29 @@ class PaDiMDetector(BaseGaussianDetector):
         # use after partial_fit, and after loading (it is not saved: it would
         # double the file).
         state = self.__dict__
+        if name in ("mean_", "scatter_") and "_running" in state:
+            state[name] = to_numpy(state["_running"][1 if name == "mean_" else 2])
+            return state[name]
         if name in ("offset_", "_train_scores") and "_calibration_sample" in state:
             self._calibrate_on_sample()
             return state[name]
         if name == "precision_cholesky_" and state.get("n_samples_seen_", 0) >= 2:
-            moments = (self.n_samples_seen_, torch.from_numpy(self.mean_),
-                       torch.from_numpy(self.scatter_))
+            device = resolve_device(self.device)
+            moments = state.get("_running") or (
+                self.n_samples_seen_,
+                as_tensor(self.mean_, device),
+                as_tensor(self.scatter_, device),
+            )
             with torch.inference_mode():
                 self.precision_cholesky_ = to_numpy(self._whitening(moments)[1])
             return state[name]
         raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
 
     def __getstate__(self):
+        if "_running" in self.__dict__:
+            self.mean_, self.scatter_  # noqa: B018 (copied to the host now)
         state = super().__getstate__()
+        state.pop("_running", None)
         if "scatter_" in state:
             state.pop("precision_cholesky_", None)
         if "_calibration_sample" in state:
@@ -322,8 +346,3 @@ class PaDiMDetector(BaseGaussianDetector):
         super()._check_scorable()
         if not hasattr(self, "precision_cholesky_"):
             self._check_n_samples(self.n_samples_seen_, 2, type(self).__name__)
-
-    # ------------------------------------------------------------------ scoring
-
-    def _scoring_state(self):
-        return self.mean_, self.precision_cholesky_

@@ -516,9 +516,9 @@ class PatchCoreDetector(BasePatchDetector):
 
     # ------------------------------------------------------------------ scoring
     def _bank(self, device):
-        bank = as_tensor(self.memory_bank_, device)
-        weights = None if self.memory_weights_ is None else as_tensor(self.memory_weights_, device)
-        return bank, weights
+        return self._fitted_tensor("memory_bank_", device), self._fitted_tensor(
+            "memory_weights_", device
+        )
 
     def _score_chunk(self, x, query_groups=None, bank_groups=None):
         """``(patch scores (b, h, w), image scores (b,))`` of a chunk of embeddings."""
@@ -569,7 +569,7 @@ class PatchCoreDetector(BasePatchDetector):
         device = resolve_device(self.device)
         bank_groups = None if groups is None else torch.as_tensor(groups, device=device)
         ids = None if image_ids is None else torch.as_tensor(image_ids, device=device)
-        scores = np.empty(len(X), dtype=X.dtype)
+        scores = self._empty_scores(X)
         with torch.inference_mode():
             for batch, x in self._iter_chunks(X, device):
                 query_groups = None

@@ -569,15 +569,21 @@ class PNIDetector(BasePatchDetector):
         def t(a):
             return as_tensor(a, device).to(dtype)
 
-        return {
-            "emb": t(self.embedding_coreset_),
-            "assign": torch.as_tensor(self.dist_assignment_, device=device),
-            "prior": t(self.position_prior_),
-            "coefs": [t(c) for c in self.mlp_coefs_],
-            "intercepts": [t(b) for b in self.mlp_intercepts_],
-            "mean": t(self.feature_mean_).view(1, -1, 1, 1),
-            "scale": t(self.feature_scale_).view(1, -1, 1, 1),
-        }
+        def build():
+            return {
+                "emb": t(self.embedding_coreset_),
+                "assign": torch.as_tensor(self.dist_assignment_, device=device),
+                "prior": t(self.position_prior_),
+                "coefs": [t(c) for c in self.mlp_coefs_],
+                "intercepts": [t(b) for b in self.mlp_intercepts_],
+                "mean": t(self.feature_mean_).view(1, -1, 1, 1),
+                "scale": t(self.feature_scale_).view(1, -1, 1, 1),
+            }
+
+        sources = (self.embedding_coreset_, self.dist_assignment_, self.position_prior_,
+                   *self.mlp_coefs_, *self.mlp_intercepts_, self.feature_mean_,
+                   self.feature_scale_)
+        return self._on_device(("state", dtype), device, sources, build)
 
     def _neighborhood_probs(self, x, state):
         """``p(c | N_p(x))`` for every patch of ``x``: ``(b, P, K)``."""
@@ -619,7 +625,7 @@ class PNIDetector(BasePatchDetector):
     def _loo_scores(self, X, targets, counts, sources):
         """Training images' scores, each without its own coreset elements and counts."""
         device = resolve_device(self.device)
-        scores = np.empty(len(X), dtype=X.dtype)
+        scores = self._empty_scores(X)
         n_emb = len(self.embedding_coreset_)
         sources = torch.as_tensor(sources)
         row_bytes = self._bytes_per_image(X) + 4 * X.shape[2] * X.shape[3] * self.n_dist_

@@ -289,10 +289,10 @@ class RobustPaDiMDetector(BaseGaussianDetector):
         """
         if self.calibration == "in-sample":
             return self._anomaly_scores(X)
-        median = as_tensor(self.median_, device)
-        prec_chol = as_tensor(self.precision_cholesky_, device)
+        median = self._fitted_tensor("median_", device)
+        prec_chol = self._fitted_tensor("precision_cholesky_", device)
         count = count.unsqueeze(1)
-        scores = np.empty(len(X), dtype=X.dtype)
+        scores = self._empty_scores(X)
         for batch, x in self._iter_chunks(X, device):
             kept = keep[:, batch]
 
@@ -353,8 +353,7 @@ class RobustPaDiMDetector(BaseGaussianDetector):
         return self
 
     # ------------------------------------------------------------------ scoring
-    def _scoring_state(self):
-        return self.median_, self.precision_cholesky_
+    _scoring_state = ("median_", "precision_cholesky_")
 
 
 def make_rpadim_pipeline(

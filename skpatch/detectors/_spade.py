@@ -202,7 +202,7 @@ class SPADEDetector(BasePatchDetector):
         ``first`` (the index of the chunk's first image in the training set)
         leaves every training image out of its own neighbours.
         """
-        bank = as_tensor(self.global_features_, x.device)
+        bank = self._fitted_tensor("global_features_", x.device)
         queries = self._global(x.to(bank.dtype))
         n_train = len(bank)
         groups = {}
@@ -220,7 +220,7 @@ class SPADEDetector(BasePatchDetector):
 
     def _patch_scores(self, x):
         _, neighbours = self._image_knn(x)
-        patches = as_tensor(self.patches_, x.device)
+        patches = self._fitted_tensor("patches_", x.device)
         n_images, n_channels = x.shape[:2]
         queries = x.to(patches.dtype).permute(0, 2, 3, 1).reshape(n_images, -1, n_channels)
         scores = []
@@ -234,7 +234,7 @@ class SPADEDetector(BasePatchDetector):
     def _anomaly_scores(self, X, patch_scores=None, leave_one_out=False):
         """Image-level kNN scores of validated embeddings (``leave_one_out`` for training images)."""
         device = resolve_device(self.device)
-        scores = np.empty(len(X), dtype=X.dtype)
+        scores = self._empty_scores(X)
         with torch.inference_mode():
             for batch, x in self._iter_chunks(X, device):
                 first = batch.start if leave_one_out else None
