@@ -1,4 +1,3 @@
-import os
 import urllib.error
 
 import numpy as np

@@ -123,6 +123,7 @@ def _simulate_cuda(monkeypatch):
     return resolved
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="simulates CUDA on a CPU-only machine")
 @pytest.mark.parametrize("name", detector_names())
 def test_pipeline_fitted_on_cuda_loads_and_predicts_on_cpu(name, data, tmp_path):
     _, expected = _fitted(name, data)
