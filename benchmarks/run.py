@@ -142,6 +142,14 @@ def _embedders(estimator):
     return found
 
 
+def _synchronize():
+    """Wait for queued CUDA work: GPU timings must include it."""
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
 def _forward_seconds(embedder, X, repeats=2):
     """The embedder alone over ``X``: the best of ``repeats`` passes (the first warms up)."""
     best = float("inf")
@@ -149,21 +157,24 @@ def _forward_seconds(embedder, X, repeats=2):
         start = time.perf_counter()
         for _ in embedder.iter_tensors(X):
             pass
+        _synchronize()
         best = min(best, time.perf_counter() - start)
     return best
 
 
-def run(detector, dataset, threads, limit):
+def run(detector, dataset, threads, limit, output="numpy"):
     """Fit and score one detector on one data set (in a fresh process)."""
     import torch
 
     import _data
+    from sklearn.base import clone
     from sklearn.utils import gen_batches
 
     from skpatch import anomaly_map, fit_in_batches
     from skpatch.metrics import aupro, image_auroc, pixel_auroc
 
     torch.set_num_threads(threads)
+    EMBEDDER["output"] = output  # this process's copy of the settings
     X_train, X_test, y_test, masks = _data.load(dataset, limit)
     label, factory = DETECTORS[detector]
     if detector == "npad":
@@ -179,12 +190,23 @@ def run(detector, dataset, threads, limit):
     X_forward = X_test[:FORWARD_IMAGES]
     forward_per_image = _forward_seconds(embedder, X_forward) / len(X_forward)
 
+    streamed = hasattr(pipe, "steps") and hasattr(pipe[-1], "partial_fit")
+    if torch.cuda.is_available():
+        # CUDA loads its libraries and kernels, and its allocator grows, on
+        # first use of each: seconds per process, more than the whole job
+        # takes afterwards. Time the steady state: one untimed run first.
+        warm = clone(pipe)
+        (fit_in_batches(warm, X_train, batch_size=BATCH) if streamed else warm.fit(X_train))
+        for s in gen_batches(len(X_test), BATCH):
+            warm.score_samples(X_test[s])
+        del warm
     counter.n_images = 0
     start = time.perf_counter()
-    if hasattr(pipe, "steps") and hasattr(pipe[-1], "partial_fit"):
+    if streamed:
         fit_in_batches(pipe, X_train, batch_size=BATCH)  # streamed, as a user would
     else:
         pipe.fit(X_train)
+    _synchronize()
     fit = time.perf_counter() - start
     fit_forwards = counter.n_images
 
@@ -214,6 +236,8 @@ def run(detector, dataset, threads, limit):
         row["aupro"] = aupro(masks, maps)
     hook.remove()
     row["peak_mb"] = _peak_mb()
+    if torch.cuda.is_available():
+        row["gpu_peak_mb"] = torch.cuda.max_memory_allocated() / 2**20
     return row
 
 
@@ -238,14 +262,21 @@ COLUMNS = [
     ("predict ms/img", "predict_ms", ".1f"),
     ("predict / forward", "predict_ratio", ".2f"),
     ("peak MB", "peak_mb", ".0f"),
+    ("GPU peak MB", "gpu_peak_mb", ".0f"),
 ]
 
 
+def _columns(rows):
+    """The columns some row has a value for (no GPU column on a CPU run)."""
+    return [column for column in COLUMNS if any(column[1] in row for row in rows)]
+
+
 def markdown_table(rows):
-    lines = ["| " + " | ".join(title for title, _, _ in COLUMNS) + " |",
-             "|---" * len(COLUMNS) + "|"]
+    columns = _columns(rows)
+    lines = ["| " + " | ".join(title for title, _, _ in columns) + " |",
+             "|---" * len(columns) + "|"]
     for row in rows:
-        lines.append("| " + " | ".join(_fmt(row, key, spec) for _, key, spec in COLUMNS) + " |")
+        lines.append("| " + " | ".join(_fmt(row, key, spec) for _, key, spec in columns) + " |")
     return "\n".join(lines)
 
 
@@ -253,9 +284,11 @@ def rst_page(rows, command, threads):
     """The docs' benchmark page (doc/benchmarks.rst)."""
     import torch
 
-    header = "   * - " + "\n     - ".join(title for title, _, _ in COLUMNS)
+    columns = _columns(rows)
+    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU"
+    header = "   * - " + "\n     - ".join(title for title, _, _ in columns)
     body = "\n".join(
-        "   * - " + "\n     - ".join(_fmt(row, key, spec) for _, key, spec in COLUMNS)
+        "   * - " + "\n     - ".join(_fmt(row, key, spec) for _, key, spec in columns)
         for row in rows
     )
     size_lines = (
@@ -278,8 +311,10 @@ weights (``image_size=224, crop_size=None``), measured on
     {command}
 
 on {platform.processor() or platform.machine()}, {os.cpu_count()} cores,
-{threads} torch threads, torch {torch.__version__}, no GPU. Each row runs in a
-fresh process; "peak MB" is that process's peak resident memory. "forward"
+{threads} torch threads, torch {torch.__version__}, {gpu}. Each row runs in a
+fresh process (on a GPU after an untimed fit and scoring of the same data,
+as CUDA loads its libraries and kernels on first use); "peak MB" is that
+process's peak resident memory. "forward"
 is the embedder alone over the same images and batch size: "predict /
 forward" is the cost of ``score_samples`` relative to the backbone's forward
 passes (the floor of the job), per forward pass for a detector that embeds
@@ -306,6 +341,8 @@ def main(argv=None):
     parser.add_argument("--datasets", nargs="+", default=["mono", "poly", "synthetic"],
                         choices=["mono", "poly", "synthetic"])
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--output", choices=["numpy", "torch"], default="numpy",
+                        help="PatchEmbedder(output=...): 'torch' keeps embeddings on the GPU")
     parser.add_argument("--quick", action="store_true",
                         help="40 training images per data set (the doc page says so)")
     parser.add_argument("--doc", default=os.path.join(HERE, "..", "doc", "benchmarks.rst"),
@@ -317,7 +354,7 @@ def main(argv=None):
     rows = []
     for dataset in args.datasets:
         for detector in args.detectors:
-            rows.append(_in_fresh_process(run, detector, dataset, args.threads, limit))
+            rows.append(_in_fresh_process(run, detector, dataset, args.threads, limit, args.output))
             print(markdown_table(rows[-1:]).splitlines()[-1], flush=True)
             if args.doc:  # after every row, so that an interrupted run leaves its rows
                 with open(args.doc, "w") as f:
