@@ -27,6 +27,7 @@ embedding of the data set at once.
 
 import argparse
 import datetime
+import json
 import multiprocessing as mp
 import os
 import platform
@@ -43,6 +44,7 @@ EMBEDDER = {"image_size": 224, "crop_size": None}
 SEED = 0
 BATCH = 64  # images per fit / score call
 FORWARD_IMAGES = 64  # test images the forward pass alone is timed on
+ROWS_FILE = os.path.join(HERE, "run_rows.json")  # the rows of the docs' page
 
 
 def _padim():
@@ -280,10 +282,32 @@ def markdown_table(rows):
     return "\n".join(lines)
 
 
-def rst_page(rows, command, threads):
+def _ordered(rows):
+    """Rows in the table's order: data set, then detector."""
+    import _data
+
+    datasets = list(_data.NAMES.values())
+    labels = [label for label, _ in DETECTORS.values()]
+
+    def key(row):
+        data = datasets.index(row["data"]) if row["data"] in datasets else len(datasets)
+        return data, labels.index(row["detector"]) if row["detector"] in labels else len(labels)
+
+    return sorted(rows, key=key)
+
+
+def rst_page(rows, threads):
     """The docs' benchmark page (doc/benchmarks.rst)."""
     import torch
 
+    rows = _ordered(rows)
+    runs = []  # (date, command) of the runs the rows come from, first seen first
+    for row in rows:
+        run = (row.get("date", "?"), row.get("command", "?"))
+        if run not in runs:
+            runs.append(run)
+    runs.sort()
+    measured = "\n".join(f"    {command}   # {date}" for date, command in runs)
     columns = _columns(rows)
     gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU"
     header = "   * - " + "\n     - ".join(title for title, _, _ in columns)
@@ -305,10 +329,11 @@ Benchmarks
 .. This page is written by benchmarks/run.py: edit that script, not this file.
 
 Every detector with its recommended pipeline on EfficientNet-Lite0 ImageNet
-weights (``image_size=224, crop_size=None``), measured on
-{datetime.date.today().isoformat()} with::
+weights (``image_size=224, crop_size=None``), measured with (a run with
+``--append`` adds or replaces its rows and keeps the others; the rows are
+kept in ``benchmarks/run_rows.json``)::
 
-    {command}
+{measured}
 
 on {platform.processor() or platform.machine()}, {os.cpu_count()} cores,
 {threads} torch threads, torch {torch.__version__}, {gpu}. Each row runs in a
@@ -346,23 +371,37 @@ def main(argv=None):
     parser.add_argument("--quick", action="store_true",
                         help="40 training images per data set (the doc page says so)")
     parser.add_argument("--doc", default=os.path.join(HERE, "..", "doc", "benchmarks.rst"),
-                        help="where to write the docs' page ('' for none)")
+                        help="where to write the docs' page ('' for none); its rows are kept "
+                             "in run_rows.json beside this script")
+    parser.add_argument("--append", action="store_true",
+                        help="keep the page's other rows: add this run's, replacing those of "
+                             "the same detector and data set")
     args = parser.parse_args(argv)
     limit = 40 if args.quick else None
 
     command = "python benchmarks/run.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    stamp = {"command": command.strip(), "date": datetime.date.today().isoformat()}
+    kept = []
+    if args.append and os.path.exists(ROWS_FILE):
+        with open(ROWS_FILE) as f:
+            kept = json.load(f)
     rows = []
     for dataset in args.datasets:
         for detector in args.detectors:
-            rows.append(_in_fresh_process(run, detector, dataset, args.threads, limit, args.output))
+            row = _in_fresh_process(run, detector, dataset, args.threads, limit, args.output)
+            rows.append({**row, **stamp})
             print(markdown_table(rows[-1:]).splitlines()[-1], flush=True)
             if args.doc:  # after every row, so that an interrupted run leaves its rows
+                new = {(r["detector"], r["data"]) for r in rows}
+                page_rows = [r for r in kept if (r["detector"], r["data"]) not in new] + rows
+                with open(ROWS_FILE, "w") as f:
+                    json.dump(_ordered(page_rows), f, indent=1)
                 with open(args.doc, "w") as f:
-                    f.write(rst_page(rows, command.strip(), args.threads))
+                    f.write(rst_page(page_rows, args.threads))
     print()
     print(markdown_table(rows))
     if args.doc:
-        print(f"\nwrote {os.path.normpath(args.doc)}")
+        print(f"\nwrote {os.path.normpath(args.doc)} and {os.path.normpath(ROWS_FILE)}")
 
 
 if __name__ == "__main__":
