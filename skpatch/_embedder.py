@@ -257,7 +257,9 @@ class PatchEmbedder(TransformerMixin, BaseEstimator):
         self.output = output
 
     def __setstate__(self, state):
-        # An embedder saved with device="cuda" loads on a CPU-only machine.
+        # An embedder saved with device="cuda" loads on a CPU-only machine,
+        # and one saved before ``output`` existed returns NumPy, as it did.
+        state = {"output": "numpy", **state}
         super().__setstate__(cpu_fallback_state(state, type(self).__name__))
 
     def _resolve_layers(self):

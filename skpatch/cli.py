@@ -679,6 +679,9 @@ def _score(args):
         names = [k for k in model.get_params(deep=True) if k.split("__")[-1] == "device"]
         model.set_params(**dict.fromkeys(names, args.device))
     embedder.set_params(batch_size=args.batch_size)
+    if len(transformers) == 1 and transformers[0] is embedder:
+        # Only the detector takes the embeddings: on a GPU they stay there.
+        embedder.set_params(output="torch")
     offset = float(detector.offset_)
     vmin, vmax = _color_scale(args, -offset) if args.maps else (None, None)
     maps_dir = Path(args.maps) if args.maps else None

@@ -107,3 +107,12 @@ def test_kmeans_cluster_sums_are_index_add_in_a_fixed_order():
     a = kmeans(points, 5, torch.Generator().manual_seed(1))[0]
     b = kmeans(points, 5, torch.Generator().manual_seed(1))[0]
     np.testing.assert_array_equal(a.numpy(), b.numpy())
+
+
+def test_embedder_saved_before_output_existed_returns_numpy():
+    embedder = make_pipe("PaDiMDetector")[0]
+    state = embedder.__getstate__()
+    del state["output"]  # a file written by skpatch before the parameter
+    old = type(embedder).__new__(type(embedder))
+    old.__setstate__(state)
+    assert old.output == "numpy" and isinstance(old.transform(TEST[:1]), np.ndarray)
