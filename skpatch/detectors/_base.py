@@ -163,13 +163,7 @@ class BasePatchDetector(OutlierMixin, BaseEstimator):
                     f"X has shape {X.shape}: patch embeddings (n, C, h, w) need at least one "
                     "channel and a non-empty grid."
                 )
-            if reset:
-                self.n_features_in_ = X.shape[1]
-            elif X.shape[1] != self.n_features_in_:
-                raise ValueError(
-                    f"X has {X.shape[1]} features, but {type(self).__name__} is expecting "
-                    f"{self.n_features_in_} features as input."
-                )
+            self._check_features(X.shape[1], reset)
         else:
             raise ValueError(
                 f"X has shape {np.shape(X)}: expected patch embeddings (n, C, h, w) from "
@@ -197,16 +191,21 @@ class BasePatchDetector(OutlierMixin, BaseEstimator):
             X = X.float()  # half precision: score in float32
         if not bool(torch.isfinite(X).all()):
             raise ValueError("Input X contains NaN or infinity.")
+        self._check_features(X.shape[1], reset)
         if reset:
-            self.n_features_in_, self.grid_shape_ = X.shape[1], tuple(X.shape[2:])
-        elif X.shape[1] != self.n_features_in_:
-            raise ValueError(
-                f"X has {X.shape[1]} features, but {type(self).__name__} is expecting "
-                f"{self.n_features_in_} features as input."
-            )
+            self.grid_shape_ = tuple(X.shape[2:])
         else:
             self._check_grid(tuple(X.shape[2:]))
         return X.detach()
+
+    def _check_features(self, n_features, reset):
+        if reset:
+            self.n_features_in_ = n_features
+        elif n_features != self.n_features_in_:
+            raise ValueError(
+                f"X has {n_features} features, but {type(self).__name__} is expecting "
+                f"{self.n_features_in_} features as input."
+            )
 
     def _check_grid(self, grid):
         if grid != tuple(self.grid_shape_):
