@@ -39,8 +39,15 @@ is the detector's scoring per test image (``score_samples`` plus
 ``anomaly_map``) without the CNN, whose time per image is
 printed separately; for ``N-pad`` it includes the 25 CNN passes::
 
-    python benchmarks/bench_npad.py            # full data (long on 2 cores)
+    python benchmarks/bench_npad.py            # full data (hours on 2 cores)
+    python benchmarks/bench_npad.py --shifted-test 100   # shifted row on 100 test images
     python benchmarks/bench_npad.py --quick    # 60 training images, 30 + 30 test images
+
+N-pad with shifting runs the CNN 25 times per test image and scores every
+copy (about 2.6 s per image on 2 cores): ``--shifted-test 100`` scores it
+on the 100 test images of ``run.py``'s N-pad (r=4) rows and adds the row
+"A+B+C (100 test)", the unshifted detector on the same images, so that the
+two compare on one test set.
 """
 
 import argparse
@@ -112,11 +119,40 @@ def _variants(sweep):
     return rows
 
 
-def run(dataset, limit, max_shift, sweep, n_test=None, cache_dir=None, methods=None):
+def _take(masks, keep):
+    return None if masks is None else masks[keep]
+
+
+def _scored(detector, X, y, masks):
+    """Image AUROC (score and map maximum), pixel metrics with masks, predict ms/img."""
+    from skpatch import ImageShiftDetector
+    from skpatch.metrics import aupro, image_auroc, pixel_auroc
+
+    start = time.perf_counter()
+    if isinstance(detector, ImageShiftDetector):
+        # Scores and maps from the same 25 CNN passes per image; on ELPV the
+        # maps are not needed.
+        if masks is None:
+            scores, maps = detector.score_samples(X), None
+        else:
+            scores, maps = detector._scores_and_maps(X)
+    else:
+        scores, maps = detector.score_samples(X), detector.anomaly_map(X)
+    row = {"image_auroc": image_auroc(y, -scores)}
+    if maps is not None:
+        row["max_auroc"] = image_auroc(y, maps.reshape(len(maps), -1).max(1))
+    if masks is not None:
+        row["pixel_auroc"] = pixel_auroc(masks, maps)
+        row["aupro"] = aupro(masks, maps)
+    row["predict_ms"] = 1000 * (time.perf_counter() - start) / len(X)
+    return row
+
+
+def run(dataset, limit, max_shift, sweep, n_test=None, cache_dir=None, methods=None,
+        shifted_test=None):
     from sklearn.pipeline import make_pipeline
 
     from skpatch import ImageShiftDetector, PatchEmbedder
-    from skpatch.metrics import aupro, image_auroc, pixel_auroc
 
     X_train, X_test, y_test, masks = _load(dataset, limit, n_test)
     embedder = PatchEmbedder(image_size=224, crop_size=None)
@@ -149,21 +185,22 @@ def run(dataset, limit, max_shift, sweep, n_test=None, cache_dir=None, methods=N
         start = time.perf_counter()
         detector.fit(E_train)
         fit_s = time.perf_counter() - start
-        start = time.perf_counter()
-        anomaly = -detector.score_samples(E_test)
-        row = {"data": name, "method": label, "fit_s": fit_s,
-               "image_auroc": image_auroc(y_test, anomaly)}
-        maps = detector.anomaly_map(E_test)
-        row["max_auroc"] = image_auroc(y_test, maps.reshape(len(maps), -1).max(1))
-        if masks is not None:
-            row["pixel_auroc"] = pixel_auroc(masks, maps)
-            row["aupro"] = aupro(masks, maps)
-        row["predict_ms"] = 1000 * (time.perf_counter() - start) / len(X_test)
-        rows.append(row)
-        print(f"  done: {name} {label} image AUROC {row['image_auroc']:.3f}", flush=True)
+        rows.append({"data": name, "method": label, "fit_s": fit_s,
+                     **_scored(detector, E_test, y_test, masks)})
+        print(f"  done: {name} {label} image AUROC {rows[-1]['image_auroc']:.3f}", flush=True)
         if label == "A+B+C":
             fitted, fit_s_abc = detector, fit_s
     if max_shift:
+        keep = np.arange(len(X_test))
+        if shifted_test and shifted_test < len(X_test):
+            # As benchmarks/_data.subsample_test (same seeds): the images of
+            # run.py's N-pad (r=4) rows, and A+B+C unshifted on the same ones.
+            keep = np.sort(np.r_[
+                _subsample(np.flatnonzero(y_test == 0), shifted_test // 2, 4),
+                _subsample(np.flatnonzero(y_test == 1), shifted_test - shifted_test // 2, 5),
+            ])
+            rows.append({"data": name, "method": f"A+B+C ({len(keep)} test)", "fit_s": fit_s_abc,
+                         **_scored(fitted, E_test[keep], y_test[keep], _take(masks, keep))})
         # Module D around the A+B+C detector fitted above: fitting the wrapper
         # would only fit the same detector on the same embeddings again.
         model = ImageShiftDetector(make_pipeline(embedder, fitted), max_shift=max_shift)
@@ -172,21 +209,9 @@ def run(dataset, limit, max_shift, sweep, n_test=None, cache_dir=None, methods=N
         model.shifts_ = [(a, b) for a in range(-radius, radius + 1)
                          for b in range(-radius, radius + 1)]
         model.offset_ = fitted.offset_
-        start = time.perf_counter()
-        if masks is None:
-            scores = model.score_samples(X_test)
-        else:
-            # Scores and maps from the same 25 CNN passes per image; on ELPV
-            # the maps are not needed.
-            scores, maps = model._scores_and_maps(X_test)
-        row = {"data": name, "method": f"N-pad (r={max_shift})", "fit_s": fit_s_abc,
-               "image_auroc": image_auroc(y_test, -scores)}
-        if masks is not None:
-            row["pixel_auroc"] = pixel_auroc(masks, maps)
-            row["aupro"] = aupro(masks, maps)
-            row["max_auroc"] = image_auroc(y_test, maps.reshape(len(maps), -1).max(1))
-        row["predict_ms"] = 1000 * (time.perf_counter() - start) / len(X_test)
-        rows.append(row)
+        label = f"N-pad (r={max_shift})" + (f" ({len(keep)} test)" if len(keep) < len(X_test) else "")
+        rows.append({"data": name, "method": label, "fit_s": fit_s_abc,
+                     **_scored(model, X_test[keep], y_test[keep], _take(masks, keep))})
     sizes = f"{len(X_train)} train, {(y_test == 0).sum()}+{(y_test == 1).sum()} test"
     return rows, cnn_ms, sizes
 
@@ -210,6 +235,9 @@ def main(argv=None):
                         help="with --quick: normal and anomalous test images each (default 30)")
     parser.add_argument("--quick", action="store_true",
                         help="60 training images, 30 normal + 30 anomalous test images")
+    parser.add_argument("--shifted-test", type=int, default=None,
+                        help="score the shifted N-pad row on this many test images (half "
+                             "normal; those of run.py), and A+B+C unshifted on the same")
     args = parser.parse_args(argv)
 
     import torch
@@ -225,7 +253,7 @@ def main(argv=None):
     for dataset in args.datasets:
         cache_dir = None if args.cache_dir.lower() == "none" else args.cache_dir
         rows, cnn_ms, sizes = run(dataset, limit, args.max_shift, args.sweep, args.n_test,
-                                  cache_dir, args.methods)
+                                  cache_dir, args.methods, args.shifted_test)
         notes.append(f"{rows[0]['data']}: {sizes}; CNN {cnn_ms:.0f} ms/img")
         for r in rows:
             lines.append(
