@@ -318,7 +318,9 @@ def rst_page(rows, threads):
     size_lines = (
         'The "train / test" column gives the images of each run. N-pad with image '
         f"shifting embeds each test image 25 times, so it is scored on {SHIFTED_TEST_IMAGES} "
-        "test images of each set (half normal, half anomalous)."
+        "test images of each set (half normal, half anomalous). These are easier than the "
+        "full split: compare that row with N-pad without shifting on the same images, in "
+        ":ref:`the N-pad ablation <npad>`."
     )
     return f""".. _benchmarks:
 
