@@ -61,6 +61,9 @@ def test_bad_tensors_get_the_same_clear_errors():
         detector.score_samples(torch.from_numpy(X[:, :5]))
     with pytest.raises(ValueError, match="NaN or infinity"):
         detector.score_samples(torch.full((1, 6, 4, 4), float("nan")))
+    # finite values whose sum overflows are not mistaken for infinity
+    big = torch.full((1, 6, 4, 4), 3e38)
+    assert detector._validate_tensor(big, reset=False) is not None
     with pytest.raises(ValueError, match="dtype torch.int64: patch embeddings are floats"):
         detector.score_samples(torch.zeros((1, 6, 4, 4), dtype=torch.int64))
     with pytest.raises(ValueError, match=r"shape \(6, 4, 4\)"):

@@ -189,7 +189,9 @@ class BasePatchDetector(OutlierMixin, BaseEstimator):
             raise ValueError(f"X has dtype {X.dtype}: patch embeddings are floats.")
         if X.dtype not in (torch.float32, torch.float64):
             X = X.float()  # half precision: score in float32
-        if not bool(torch.isfinite(X).all()):
+        # One reduction, as scikit-learn checks arrays: a finite sum means
+        # finite entries (a sum that overflows falls back to the full check).
+        if not bool(torch.isfinite(X.sum())) and not bool(torch.isfinite(X).all()):
             raise ValueError("Input X contains NaN or infinity.")
         self._check_features(X.shape[1], reset)
         if reset:
