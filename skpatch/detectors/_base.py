@@ -422,15 +422,19 @@ class BaseGaussianDetector(BasePatchDetector):
         """Embeddings ``(b, C, h, w)`` -> selected channels as ``(P, b, d)``.
 
         The result is a transposed view of a ``(b, P, d)`` array: batched
-        matrix products take it without a copy, and building it is one fast
-        NCHW -> NHWC copy instead of a transpose to position-major order.
-        ``selected=True``: ``x`` holds the selected channels already.
+        matrix products take it without a copy, and building it is one
+        NCHW -> NHWC copy (the channel gather writes straight into it)
+        instead of a transpose to position-major order. ``selected=True``:
+        ``x`` holds the selected channels already.
         """
-        if not selected:
-            x = x[:, torch.as_tensor(self.feature_indices_, device=x.device)]
-        selected = x
-        n_images, n_selected = selected.shape[:2]
-        nhwc = selected.permute(0, 2, 3, 1).contiguous()
+        nhwc = x.permute(0, 2, 3, 1)
+        if selected:
+            nhwc = nhwc.contiguous()
+        else:
+            index = torch.as_tensor(self.feature_indices_, device=x.device)
+            out = x.new_empty((*nhwc.shape[:3], len(index)))
+            nhwc = torch.index_select(nhwc, 3, index, out=out)
+        n_images, n_selected = len(x), nhwc.shape[-1]
         return nhwc.view(n_images, -1, n_selected).transpose(0, 1)
 
     def _bytes_per_image(self, X):
