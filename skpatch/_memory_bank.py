@@ -29,7 +29,13 @@ from sklearn.utils import check_random_state
 
 from ._torch_utils import single_threaded
 
-__all__ = ["greedy_coreset", "nearest_neighbors", "random_projection", "reservoir_slots"]
+__all__ = [
+    "greedy_coreset",
+    "nearest_neighbors",
+    "patch_rows",
+    "random_projection",
+    "reservoir_slots",
+]
 
 
 def _to_tensor(x, device=None, dtype=None):
@@ -296,3 +302,15 @@ def reservoir_slots(n_seen, n_new, capacity, rng):
     _, last = np.unique(slots[::-1], return_index=True)
     last = len(slots) - 1 - last
     return positions[last], slots[last]
+
+
+def patch_rows(x, indices):
+    """Patches ``indices`` of embeddings ``x (N, C, h, w)`` as rows ``(k, C)``.
+
+    ``indices`` number the patches image-major (``image * h * w +
+    position``). Works on arrays and tensors, and gathers only the patches
+    asked for: the ``(N h w, C)`` matrix of all patches is never made.
+    """
+    n_images, n_channels = x.shape[:2]
+    n_positions = x.shape[2] * x.shape[3]
+    return x.reshape(n_images, n_channels, -1)[indices // n_positions, :, indices % n_positions]

@@ -5,7 +5,7 @@ import torch
 from sklearn.base import _fit_context
 from sklearn.utils import check_random_state
 
-from .. import _gaussian
+from .. import _gaussian, _memory_bank
 from .._torch_utils import as_tensor, numpy_dtype, resolve_device, to_host, to_numpy
 from ._base import BaseGaussianDetector
 
@@ -273,16 +273,13 @@ class PaDiMDetector(BaseGaussianDetector):
         channels = self.feature_indices_
         if sample is None:
             sample = np.empty((0, len(channels), *X.shape[2:]), dtype=numpy_dtype(X.dtype))
-        n_free = max(0, _CALIBRATION_SIZE - len(sample))
-        if n_free:
-            sample = np.concatenate([sample, to_host(X[:n_free][:, channels])])
-        kept = {}  # slot -> image: one draw per image, not per patch
-        for i in range(n_free, len(X)):
-            slot = rng.integers(n_offered + i + 1)
-            if slot < _CALIBRATION_SIZE:
-                kept[int(slot)] = i
-        if kept:  # only the images kept are gathered (and copied to the host)
-            sample[list(kept)] = to_host(X[list(kept.values())][:, channels])
+        positions, slots = _memory_bank.reservoir_slots(n_offered, len(X), _CALIBRATION_SIZE, rng)
+        if len(slots) and slots[-1] >= len(sample):  # still filling: appended slots
+            grown = np.empty((int(slots[-1]) + 1, *sample.shape[1:]), dtype=sample.dtype)
+            grown[: len(sample)] = sample
+            sample = grown
+        if len(positions):  # only the images kept are gathered (and copied to the host)
+            sample[slots] = to_host(X[positions][:, channels])
         self._calibration_sample = sample
         self._n_offered = n_offered + len(X)
 

@@ -320,11 +320,8 @@ class PatchCoreDetector(BasePatchDetector):
             else:
                 candidates = np.arange(n_images * n_positions)
             store_ids = self._draw_store(X, candidates, rng)
-            images, positions = np.divmod(store_ids, n_positions)
-            # gathered image by image: a view of X, never a copy of all its patches
-            store = np.ascontiguousarray(
-                X.reshape(n_images, n_channels, n_positions)[images, :, positions], dtype=np.float32
-            )
+            images = store_ids // n_positions
+            store = np.ascontiguousarray(_memory_bank.patch_rows(X, store_ids), dtype=np.float32)
             picks = self._select_coreset(store, rng, device)
             self.memory_bank_ = store[picks]
             del store
@@ -446,10 +443,8 @@ class PatchCoreDetector(BasePatchDetector):
                 grown[:n_stored] = store[:n_stored]
                 groups[:n_stored] = self._store_groups[:n_stored]
             store, self._store_groups = grown, groups
-        images, where = np.divmod(positions, n_positions)
-        # gathered patch by patch from a view of X: no copy of the whole batch
-        store[slots] = X.reshape(n_images, n_channels, n_positions)[images, :, where]
-        self._store_groups[slots] = self._n_images_seen + images
+        store[slots] = _memory_bank.patch_rows(X, positions)
+        self._store_groups[slots] = self._n_images_seen + positions // n_positions
         self._store = store
         self._n_stored = new_size
         self._n_offered = n_offered + n_new

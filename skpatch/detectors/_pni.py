@@ -13,7 +13,7 @@ from sklearn.utils import check_random_state, gen_batches
 from sklearn.utils._chunking import get_chunk_n_rows
 from sklearn.utils._param_validation import Interval, StrOptions
 
-from .._memory_bank import greedy_coreset, nearest_neighbors
+from .._memory_bank import greedy_coreset, nearest_neighbors, patch_rows
 from .._torch_utils import as_tensor, resolve_device, single_threaded, to_numpy
 from ._base import BasePatchDetector, locally_aware_embedder
 
@@ -120,13 +120,6 @@ class _NeighborhoodMLP(torch.nn.Module):
 
 
 # ---------------------------------------------------------------------- detector
-def _patch_rows(x, indices):
-    """Patches ``indices`` (into the image-major flat order) of ``x (N, C, h, w)`` as rows ``(k, C)``."""
-    n_images, n_channels = x.shape[:2]
-    images, positions = indices // (x.shape[2] * x.shape[3]), indices % (x.shape[2] * x.shape[3])
-    return x.reshape(n_images, n_channels, -1)[images, :, positions]
-
-
 class PNIDetector(BasePatchDetector):
     """PNI: patch likelihoods given the position and the neighbourhood of each patch.
 
@@ -420,7 +413,7 @@ class PNIDetector(BasePatchDetector):
         # every candidate once, so this bounds both the time and the memory.
         sample = rng.choice(n_patches, max(limit, n_emb), replace=False)
         candidates = torch.as_tensor(np.sort(sample))
-        picks = greedy_coreset(_patch_rows(x, candidates), n_emb, random_state=seed, device=device)
+        picks = greedy_coreset(patch_rows(x, candidates), n_emb, random_state=seed, device=device)
         return candidates[picks.cpu()], min(self.n_dist, n_emb)
 
     def _train_mlp(self, x, mean, scale, targets, n_classes, device, rng):
@@ -503,7 +496,7 @@ class PNIDetector(BasePatchDetector):
             # all at once as an (N h w, C) matrix: the fit holds the
             # embeddings once (see Notes).
             picks, n_dist = self._coresets(x, device, rng)
-            emb = _patch_rows(x, picks).to(device)
+            emb = patch_rows(x, picks).to(device)
             # Nearest C_dist element of every training patch: the MLP's targets
             # and Algorithm 1's counts (images in chunks of working_memory).
             chunk = get_chunk_n_rows(row_bytes=4 * n_positions * n_channels, max_n_rows=n_images)
