@@ -13,6 +13,9 @@ distribution per position (PatchCore, SPADE, PNI):
 * :func:`nearest_neighbors`: exact Euclidean k-nearest neighbours of
   queries in a bank, in chunks whose working memory is bounded by
   scikit-learn's ``working_memory`` (as :func:`sklearn.metrics.pairwise_distances_chunked`).
+* :func:`largest_nearest_distance`: for each image, the largest of its
+  patches' nearest-neighbour distances (PatchCore's image score), exactly,
+  without searching the whole bank for every patch.
 
 Pure torch on the device of the inputs: nothing loops over patches in
 Python except the greedy selection, whose picks are sequential by nature
@@ -20,6 +23,7 @@ Python except the greedy selection, whose picks are sequential by nature
 """
 
 import contextlib
+import functools
 import math
 
 import numpy as np
@@ -31,6 +35,7 @@ from ._torch_utils import single_threaded
 
 __all__ = [
     "greedy_coreset",
+    "largest_nearest_distance",
     "nearest_neighbors",
     "patch_rows",
     "random_projection",
@@ -148,6 +153,12 @@ def greedy_coreset(x, n_select, *, projection_dim=128, random_state=None, device
     return picks
 
 
+# Largest distance block, in bytes: a block is reused across chunks, and a
+# larger one only adds first-touch page faults (a fresh 1 GiB block cost as
+# much as the matrix product that fills it).
+_MAX_BLOCK_BYTES = 32 * 2**20
+
+
 def _chunk_sizes(n_queries, n_bank, n_features, n_neighbors, itemsize, working_memory):
     """``(query rows, bank rows)`` per block whose distance matrix fits ``working_memory`` MiB."""
     budget = (sklearn.get_config()["working_memory"] if working_memory is None else working_memory) * 2**20
@@ -159,8 +170,10 @@ def _chunk_sizes(n_queries, n_bank, n_features, n_neighbors, itemsize, working_m
     extra = n_neighbors * (n_features + 4)
     if min_query_rows * (2 * n_bank + extra) * itemsize + n_bank * n_features * itemsize > budget:
         bank_rows = max(1, int(budget // (itemsize * (2 * min_query_rows + n_features))))
+    bank_rows = max(n_neighbors, min(n_bank, bank_rows))
     query_rows = (budget - bank_rows * n_features * itemsize) // ((2 * bank_rows + extra) * itemsize)
-    return max(1, min(n_queries, int(query_rows))), max(n_neighbors, min(n_bank, bank_rows))
+    query_rows = min(query_rows, _MAX_BLOCK_BYTES // (bank_rows * itemsize))
+    return max(1, min(n_queries, int(query_rows))), bank_rows
 
 
 def nearest_neighbors(
@@ -230,18 +243,25 @@ def nearest_neighbors(
     if grouped:
         query_groups = _to_tensor(query_groups, bank.device, torch.long)
         bank_groups = _to_tensor(bank_groups, bank.device, torch.long)
+    # one distance block for all chunks (flat, so that a smaller last chunk
+    # still gets a contiguous view)
+    buffer = torch.empty(min(query_rows, n_queries) * bank_rows, dtype=bank.dtype, device=bank.device)
     for q0 in range(0, n_queries, query_rows):
         q = queries[q0 : q0 + query_rows] - center
         q_sq = (q * q).sum(dim=1, keepdim=True)
         best_d2 = best_idx = None
         for b0, block, b_sq in blocks:
             # |b|² - 2 a·b ranks the bank rows of a query as the distance does
-            partial = torch.addmm(b_sq.unsqueeze(0), q, block.T, alpha=-2)
+            partial = buffer[: len(q) * len(block)].view(len(q), len(block))
+            torch.addmm(b_sq.unsqueeze(0), q, block.T, alpha=-2, out=partial)
             if grouped:
                 own = query_groups[q0 : q0 + query_rows, None] == bank_groups[None, b0 : b0 + len(block)]
                 partial.masked_fill_(own, math.inf)
-            kk = min(k, block.shape[0])
-            d2, idx = partial.topk(kk, dim=1, largest=False)
+            if k == 1:  # argmin reads the block once; topk costs half again as much
+                idx = partial.argmin(dim=1, keepdim=True)
+                d2 = partial.gather(1, idx)
+            else:
+                d2, idx = partial.topk(min(k, block.shape[0]), dim=1, largest=False)
             idx += b0
             if best_d2 is not None:
                 d2 = torch.cat([best_d2, d2], dim=1)
@@ -260,6 +280,78 @@ def nearest_neighbors(
         distances[q0 : q0 + query_rows] = dist
         indices[q0 : q0 + query_rows] = best_idx.gather(1, order)
     return distances, indices
+
+
+def largest_nearest_distance(queries, bank, *, n_probe=8, working_memory=None):
+    """Per set of queries, the largest distance of a query to its nearest bank row.
+
+    Equals taking :func:`nearest_neighbors` ``(queries, bank, 1)`` of every
+    query and the largest distance of each set (PatchCore's image score
+    ``s*``, §3.3), but searches the whole bank only for the queries that
+    can still be the largest. The bank is searched in prefixes of
+    growing size (1/16, 1/4, 1/2, all of it): the distance to the nearest
+    row of a prefix is an upper bound of a query's distance. After each
+    prefix, the ``n_probe`` queries of each set with the largest bounds
+    are searched in the whole bank, which gives a lower bound of the set's
+    answer, and the queries whose upper bound is below it are dropped; the
+    ones left are searched in the next part of the bank. Exact whatever
+    the order of the bank; fastest when its first rows cover the rest,
+    as a greedy coreset in pick order does (:func:`greedy_coreset`): on
+    PatchCore's default bank, 20 to 35 % of the distance computations of a
+    full search.
+
+    Parameters
+    ----------
+    queries : torch.Tensor of shape (n_sets, n_queries, d)
+        Query points, grouped in sets (the patches of each image).
+    bank : torch.Tensor of shape (n_bank, d)
+        Memory bank, on the queries' device.
+    n_probe : int, default=8
+        Queries per set searched in the whole bank after each prefix.
+    working_memory : float or None, default=None
+        See :func:`nearest_neighbors`.
+
+    Returns
+    -------
+    distances : torch.Tensor of shape (n_sets,)
+        Largest nearest-neighbour distance of each set.
+    queries : torch.LongTensor of shape (n_sets,)
+        The query that has it (the first one, for ties among the queries
+        searched last).
+    nearest : torch.LongTensor of shape (n_sets,)
+        Its nearest bank row.
+    """
+    n_sets, n_queries, d = queries.shape
+    n_bank = len(bank)
+    flat = queries.reshape(-1, d)
+    search = functools.partial(nearest_neighbors, n_neighbors=1, working_memory=working_memory)
+    ends = sorted({n_bank // 16, n_bank // 4, n_bank // 2} - {0}) + [n_bank]
+    upper = torch.full((len(flat),), math.inf, dtype=bank.dtype, device=bank.device)
+    nearest = torch.zeros(len(flat), dtype=torch.long, device=bank.device)
+    alive = torch.arange(len(flat), device=bank.device)
+    start = 0
+    for end in ends:
+        dist, idx = search(flat[alive], bank[start:end])
+        closer = dist[:, 0] < upper[alive]
+        upper[alive[closer]] = dist[closer, 0]
+        nearest[alive[closer]] = idx[closer, 0] + start
+        start = end
+        if end == n_bank:
+            break
+        # lower bound of each set: the exact distances of its largest upper bounds
+        masked = torch.full_like(upper, -math.inf).index_copy_(0, alive, upper[alive])
+        probe = masked.view(n_sets, n_queries).topk(min(n_probe, n_queries), dim=1).indices
+        probe = (probe + n_queries * torch.arange(n_sets, device=bank.device)[:, None]).ravel()
+        probe = probe[torch.isfinite(masked[probe])]
+        rest, _ = search(flat[probe], bank[end:])
+        lower = torch.full((n_sets,), -math.inf, dtype=bank.dtype, device=bank.device).scatter_reduce(
+            0, probe // n_queries, torch.minimum(upper[probe], rest[:, 0]), "amax"
+        )
+        alive = alive[upper[alive] >= lower[alive // n_queries]]
+    # every query left has its exact distance; the others cannot be the largest
+    masked = torch.full_like(upper, -math.inf).index_copy_(0, alive, upper[alive]).view(n_sets, n_queries)
+    distances, best = masked.max(dim=1)
+    return distances, best, nearest.view(n_sets, n_queries).gather(1, best[:, None])[:, 0]
 
 
 def reservoir_slots(n_seen, n_new, capacity, rng):

@@ -4,7 +4,13 @@ import sklearn
 import torch
 from sklearn.neighbors import NearestNeighbors
 
-from skpatch._memory_bank import greedy_coreset, nearest_neighbors, random_projection, reservoir_slots
+from skpatch._memory_bank import (
+    greedy_coreset,
+    largest_nearest_distance,
+    nearest_neighbors,
+    random_projection,
+    reservoir_slots,
+)
 
 
 def _exact_greedy(X, k, start):
@@ -93,6 +99,34 @@ def test_nearest_neighbors_leave_one_group_out(rng):
     # fewer than k rows outside the group: inf
     dist, _ = nearest_neighbors(X[:3], X[:4], 2, query_groups=groups[:3], bank_groups=groups[:4])
     assert np.isinf(dist[:, 1].numpy()).all() and np.isfinite(dist[:, 0].numpy()).all()
+
+
+@pytest.mark.parametrize("order", ["greedy", "random"])
+@pytest.mark.parametrize("n_probe", [1, 8, 100])
+def test_largest_nearest_distance_equals_full_search(rng, order, n_probe):
+    bank = rng.normal(size=(400, 5)).astype(np.float32)
+    if order == "greedy":
+        bank = bank[greedy_coreset(bank, 400, projection_dim=None, random_state=0).numpy()]
+    queries = rng.normal(size=(6, 30, 5)).astype(np.float32)
+    queries[1, 7] += 6  # one far patch decides its set
+    queries[2] = queries[2, 0]  # ties: every query of the set is the same
+    queries[3] *= 3  # every query far
+    dist, idx = nearest_neighbors(queries.reshape(-1, 5), bank, 1)
+    grid = dist.view(6, 30)
+    largest, query, nearest = largest_nearest_distance(torch.from_numpy(queries), torch.from_numpy(bank), n_probe=n_probe)
+    np.testing.assert_array_equal(largest.numpy(), grid.max(dim=1).values.numpy())
+    np.testing.assert_array_equal(query.numpy(), grid.argmax(dim=1).numpy())
+    assert query[1] == 7 and query[2] == 0
+    np.testing.assert_array_equal(nearest.numpy(), idx.view(6, 30).numpy()[np.arange(6), query.numpy()])
+
+
+def test_largest_nearest_distance_small_bank_and_single_query(rng):
+    bank = torch.from_numpy(rng.normal(size=(3, 2)))
+    queries = torch.from_numpy(rng.normal(size=(2, 1, 2)))
+    largest, query, nearest = largest_nearest_distance(queries, bank)
+    D = torch.cdist(queries[:, 0], bank)
+    np.testing.assert_allclose(largest.numpy(), D.min(dim=1).values.numpy(), rtol=1e-12)
+    assert query.tolist() == [0, 0] and nearest.tolist() == D.argmin(dim=1).tolist()
 
 
 def test_nearest_neighbors_checks_input(rng):
