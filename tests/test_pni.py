@@ -7,7 +7,7 @@ from sklearn.utils.estimator_checks import parametrize_with_checks
 
 from skpatch import PNIDetector, anomaly_map, make_pni_pipeline
 from skpatch._memory_bank import greedy_coreset
-from skpatch.detectors._pni import gather_neighborhoods, neighborhood_features
+from skpatch.detectors._pni import gather_neighborhoods, neighborhood_conv_weight, neighborhood_features
 
 from _common import FAST_PARAMS, expected_failed_checks
 
@@ -48,6 +48,15 @@ def test_neighbourhood_vectors_exclude_the_centre_and_zero_pad():
     images, rows, cols = torch.tensor([1, 0]), torch.tensor([2, 0]), torch.tensor([3, 0])
     g = gather_neighborhoods(x, images, rows, cols, 3, torch.zeros(3), torch.ones(3))
     torch.testing.assert_close(g, f[[p, 0]])
+
+
+@pytest.mark.parametrize("size", [1, 3, 5])
+def test_first_layer_as_a_convolution_equals_the_unfolded_product(size):
+    x = torch.randn(2, 3, 4, 5, dtype=torch.float64)
+    coef = torch.randn(3 * (size * size - 1), 7, dtype=torch.float64)
+    weight = neighborhood_conv_weight(coef, 3, size)
+    conv = torch.nn.functional.conv2d(x, weight, padding=size // 2)
+    torch.testing.assert_close(conv.permute(0, 2, 3, 1).reshape(-1, 7), neighborhood_features(x, size) @ coef)
 
 
 def test_coresets_are_nested_greedy_picks():

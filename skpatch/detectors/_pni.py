@@ -71,6 +71,21 @@ def spread_counts(counts, window):
     )
 
 
+def neighborhood_conv_weight(coef, n_channels, size):
+    """The MLP's first layer on :func:`neighborhood_features` as a ``size x size`` convolution.
+
+    ``coef (C (size² - 1), n_out)`` -> ``(n_out, C, size, size)`` with a zero
+    centre tap: ``conv2d(x, weight, padding=size // 2)`` at every position
+    equals ``neighborhood_features(x, size) @ coef`` (the same zero padding),
+    without the ``C (size² - 1)``-wide copy of every patch's window.
+    """
+    n_out = coef.shape[1]
+    weight = coef.new_zeros((n_out, size * size, n_channels))
+    keep = [i for i in range(size * size) if i != (size * size) // 2]
+    weight[:, keep] = coef.T.reshape(n_out, len(keep), n_channels)
+    return weight.view(n_out, size, size, n_channels).permute(0, 3, 1, 2).contiguous()
+
+
 def mlp_forward(x, coefs, intercepts):
     """Logits of the (batch-norm-folded) MLP: affine layers with ReLU between them."""
     for i, (coef, intercept) in enumerate(zip(coefs, intercepts)):
@@ -563,11 +578,19 @@ class PNIDetector(BasePatchDetector):
             return as_tensor(a, device).to(dtype)
 
         def build():
+            emb = t(self.embedding_coreset_)
+            center = emb.mean(dim=0)
+            centred = emb - center
+            coefs = [t(c) for c in self.mlp_coefs_]
             return {
-                "emb": t(self.embedding_coreset_),
+                # centring keeps the cancellation error of |a|² + |b|² - 2 a·b small
+                "center": center,
+                "emb": centred,
+                "emb_sq": (centred * centred).sum(dim=1, keepdim=True),
                 "assign": torch.as_tensor(self.dist_assignment_, device=device),
                 "prior": t(self.position_prior_),
-                "coefs": [t(c) for c in self.mlp_coefs_],
+                "conv": neighborhood_conv_weight(coefs[0], len(center), self.neighborhood_size),
+                "coefs": coefs[1:],
                 "intercepts": [t(b) for b in self.mlp_intercepts_],
                 "mean": t(self.feature_mean_).view(1, -1, 1, 1),
                 "scale": t(self.feature_scale_).view(1, -1, 1, 1),
@@ -581,8 +604,11 @@ class PNIDetector(BasePatchDetector):
     def _neighborhood_probs(self, x, state):
         """``p(c | N_p(x))`` for every patch of ``x``: ``(b, P, K)``."""
         standardized = (x - state["mean"]) / state["scale"]
-        inputs = neighborhood_features(standardized, self.neighborhood_size)
-        logits = mlp_forward(inputs, state["coefs"], state["intercepts"])
+        intercepts = state["intercepts"]
+        first = F.conv2d(standardized, state["conv"], intercepts[0], padding=self.neighborhood_size // 2)
+        logits = first.permute(0, 2, 3, 1).reshape(-1, first.shape[1])
+        if state["coefs"]:
+            logits = mlp_forward(logits.relu_(), state["coefs"], intercepts[1:])
         return torch.softmax(logits, dim=1).view(len(x), -1, self.n_dist_)
 
     def _scores_given(self, x, state, prior, excluded=None):
@@ -591,24 +617,38 @@ class PNIDetector(BasePatchDetector):
         ``excluded`` (b, n_emb) bool marks elements of ``C_emb`` an image may
         not use (leave-one-out calibration).
         """
-        n_images = len(x)
+        n_images, n_channels = x.shape[:2]
         prob = 0.5 * (self._neighborhood_probs(x, state) + prior)  # p(c | Ω) on C_dist
-        allowed = (prob > self.tau_)[:, :, state["assign"]]  # (b, P, n_emb)
-        patches = x.flatten(2).transpose(1, 2)  # (b, P, C)
-        emb = state["emb"]
-        center = emb.mean(dim=0)
-        e = emb - center
-        q = patches - center
-        d2 = (q * q).sum(-1, keepdim=True) + (e * e).sum(-1) - 2 * q @ e.T
-        distances = d2.clamp_(min=0).sqrt_()
-        usable = torch.ones_like(allowed[:, :1]) if excluded is None else ~excluded.unsqueeze(1)
-        allowed &= usable
-        inf = torch.tensor(torch.inf, dtype=distances.dtype, device=distances.device)
-        nearest = torch.where(allowed, distances, inf).amin(dim=2)
+        # Work on (n_emb, b P) matrices: gathering the rows of C_dist's
+        # verdicts for the elements of C_emb is a copy of whole rows (the
+        # column gather of the (b P, n_emb) layout cost four times more).
+        blocked = (prob <= self.tau_).view(-1, self.n_dist_).T.contiguous()[state["assign"]]
+        if excluded is not None:
+            blocked.view(len(blocked), n_images, -1).logical_or_(excluded.T.unsqueeze(2))
+        queries = (x.flatten(2).transpose(1, 2) - state["center"]).reshape(-1, n_channels)
+        emb, emb_sq = state["emb"], state["emb_sq"]
+        # |c|² - 2 Φ·c ranks the elements for a patch as the distance does;
+        # columns: the min over a column is vectorized, argmin is not
+        partial = torch.addmm(emb_sq, emb, queries.T, alpha=-2).masked_fill_(blocked, math.inf)
+        queries_sq = (queries * queries).sum(dim=1)
+        nearest_sq = partial.amin(dim=0)
         # Official code: the farthest element of C_emb is always admitted.
-        farthest = torch.where(usable, distances, -inf).amax(dim=2)
-        nearest = torch.where(torch.isinf(nearest), farthest, nearest)
-        scores = self.lam * nearest - math.log(self.lam)
+        none = torch.isinf(nearest_sq)
+        if none.any():
+            farthest = torch.addmm(emb_sq, emb, queries[none].T, alpha=-2)
+            if excluded is not None:
+                images = torch.arange(n_images, device=x.device).repeat_interleave(x.shape[2] * x.shape[3])
+                farthest.masked_fill_(excluded.T[:, images[none]], -math.inf)
+            nearest_sq[none] = farthest.amax(dim=0)
+        nearest_sq += queries_sq
+        # A patch close to its element (a training patch in C_emb) loses its
+        # digits to cancellation: its distance is recomputed directly.
+        close = (nearest_sq <= 1e-2 * queries_sq) & ~none
+        distances = nearest_sq.clamp_(min=0).sqrt_()
+        if close.any():
+            element = partial[:, close].argmin(dim=0)
+            distances[close] = torch.linalg.vector_norm(queries[close] - emb[element], dim=1)
+        scores = self.lam * distances - math.log(self.lam)
         return scores.view(n_images, *self.grid_shape_)
 
     def _patch_scores(self, x):
