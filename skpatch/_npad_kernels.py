@@ -147,35 +147,47 @@ def aggregate(x, size):
     return F.avg_pool2d(x, 2 * radius + 1, stride=1, padding=radius, count_include_pad=False)
 
 
-def neighbour_min_mahalanobis(x, mean, prec_chol, size):
+def neighbour_min_mahalanobis(x, mean, prec_chol, size, block_bytes=2**26):
     """``D1`` of N-pad eq. (8)-(9): ``(b, h, w)``.
 
     The Mahalanobis distance of the embedding at every position to each of
     the Gaussians of its size-``size`` window, minimized over the window.
     ``x (b, d, h, w)``; ``mean (P, d)`` and ``prec_chol (P, d, d)`` (upper
-    ``U`` with ``Σ⁻¹ = U Uᵀ``) in row-major grid order. For each offset
-    ``o``, the embeddings are shifted by ``-o`` (edge-replicated), whitened
-    by the Gaussian of every position in one batched product with the
-    full, contiguous ``prec_chol``, and the distances are shifted back; the
-    replicated border entries are masked out.
+    ``U`` with ``Σ⁻¹ = U Uᵀ``) in row-major grid order. Gaussian-major: the
+    Gaussian at ``y`` whitens the features at ``y - o`` of every offset
+    ``o`` of the window in one product of ``k b`` rows (``k`` offsets; a
+    product per offset, of ``b`` rows, ran at a third of the speed), in
+    blocks of positions whose whitened rows take ``block_bytes``; each
+    offset's distances are then shifted back onto the features, and those
+    of features outside the grid dropped.
     """
     b, d, h, w = x.shape
-    radius = size // 2
-    padded = F.pad(x, (radius, radius, radius, radius), mode="replicate") if radius else x
+    offsets = window_offsets(size)
+    k, n_positions = len(offsets), h * w
+    rows = torch.arange(h, device=x.device).repeat_interleave(w)
+    cols = torch.arange(w, device=x.device).repeat(h)
+    # the feature at y - o of the Gaussian at y, clamped into the grid (the
+    # clamped ones are dropped when shifting back)
+    source = torch.stack(
+        [(rows - dy).clamp(0, h - 1) * w + (cols - dx).clamp(0, w - 1) for dy, dx in offsets], dim=1
+    )
+    features = x.permute(2, 3, 0, 1).reshape(n_positions, b, d).contiguous()  # rows to gather
     shift = (mean.unsqueeze(1) @ prec_chol).neg_()  # (P, 1, d): -μU, once per call
+    dist = torch.empty((n_positions, k, b), dtype=x.dtype, device=x.device)
+    step = max(1, block_bytes // (2 * k * b * d * x.element_size()))
+    for start in range(0, n_positions, step):
+        stop = min(n_positions, start + step)
+        window = features.index_select(0, source[start:stop].reshape(-1)).view(stop - start, k * b, d)
+        z = torch.baddbmm(shift[start:stop], window, prec_chol[start:stop])
+        dist[start:stop] = torch.linalg.vector_norm(z, dim=2).view(stop - start, k, b)
+    dist = dist.permute(1, 2, 0).reshape(k, b, h, w)
     best = None
-    for dy, dx in window_offsets(size):
-        # Feature at y - o against the Gaussian at y, for every y.
-        shifted = padded[:, :, radius - dy:radius - dy + h, radius - dx:radius - dx + w]
-        # Position-major and contiguous: baddbmm is ~3x faster than on a view.
-        positions = shifted.permute(2, 3, 0, 1).reshape(h * w, b, d)
-        z = torch.baddbmm(shift, positions, prec_chol)
-        dist = torch.linalg.vector_norm(z, dim=2).T.reshape(b, h, w)
-        # dist[y] belongs to the feature at y - o: distance map of the features
-        # is dist shifted by +o; outside the overlap it does not exist.
+    for (dy, dx), offset_dist in zip(offsets, dist):
+        # offset_dist[y] belongs to the feature at y - o: shifted by +o; outside
+        # the overlap the feature does not exist
         (ty, sy), (tx, sx) = _overlap(h, dy), _overlap(w, dx)
-        aligned = torch.full_like(dist, float("inf"))
-        aligned[:, ty, tx] = dist[:, sy, sx]
+        aligned = torch.full_like(offset_dist, float("inf"))
+        aligned[:, ty, tx] = offset_dist[:, sy, sx]
         best = aligned if best is None else torch.minimum(best, aligned)
     return best
 
