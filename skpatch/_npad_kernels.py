@@ -14,7 +14,6 @@ distance is ignored.
 import contextlib
 
 import torch
-import torch.nn.functional as F
 
 from ._torch_utils import single_threaded
 
@@ -137,14 +136,31 @@ def weighted_moments(count, mean, scatter, weights, size, budget_bytes=2**28):
 def aggregate(x, size):
     """``p x p`` average of every embedding over its neighbourhood (eq. 7), same grid.
 
-    Adaptive average pooling restricted to the in-grid neighbours at the
-    border (``count_include_pad=False``), so border patches are not pulled
-    toward zero.
+    ``x (h, w, b, d)``, position-major (see :func:`neighbour_min_mahalanobis`).
+    The average is over the in-grid neighbours only (as ``avg_pool2d`` with
+    ``count_include_pad=False``), so border patches are not pulled toward
+    zero. Separable: window sums along the columns, then the rows, each a
+    sum of shifted slices of whole ``b x d`` blocks.
     """
     radius = size // 2
     if radius == 0:
         return x
-    return F.avg_pool2d(x, 2 * radius + 1, stride=1, padding=radius, count_include_pad=False)
+    h, w = x.shape[:2]
+    padded = x.new_zeros((h + 2 * radius, w + 2 * radius, *x.shape[2:]))
+    padded[radius:radius + h, radius:radius + w] = x
+    columns = padded[:, :w].clone()
+    for dx in range(1, 2 * radius + 1):
+        columns += padded[:, dx:dx + w]
+    total = columns[:h].clone()
+    for dy in range(1, 2 * radius + 1):
+        total += columns[dy:dy + h]
+
+    def in_grid(n):
+        index = torch.arange(n, device=x.device)
+        return (index + radius).clamp(max=n - 1) - (index - radius).clamp(min=0) + 1
+
+    counts = in_grid(h).view(h, 1) * in_grid(w).view(1, w)
+    return total.div_(counts.view(h, w, 1, 1).to(x.dtype))
 
 
 def neighbour_min_mahalanobis(x, mean, prec_chol, size, block_bytes=2**26):
@@ -152,7 +168,10 @@ def neighbour_min_mahalanobis(x, mean, prec_chol, size, block_bytes=2**26):
 
     The Mahalanobis distance of the embedding at every position to each of
     the Gaussians of its size-``size`` window, minimized over the window.
-    ``x (b, d, h, w)``; ``mean (P, d)`` and ``prec_chol (P, d, d)`` (upper
+    ``x (h, w, b, d)``, contiguous: position-major, so that the features of
+    a position are one block of rows to gather (the scoring builds it in
+    one copy from ``(b, C, h, w)`` embeddings, selecting the channels on the
+    way); ``mean (P, d)`` and ``prec_chol (P, d, d)`` (upper
     ``U`` with ``Σ⁻¹ = U Uᵀ``) in row-major grid order. Gaussian-major: the
     Gaussian at ``y`` whitens the features at ``y - o`` of every offset
     ``o`` of the window in one product of ``k b`` rows (``k`` offsets; a
@@ -161,7 +180,7 @@ def neighbour_min_mahalanobis(x, mean, prec_chol, size, block_bytes=2**26):
     offset's distances are then shifted back onto the features, and those
     of features outside the grid dropped.
     """
-    b, d, h, w = x.shape
+    h, w, b, d = x.shape
     offsets = window_offsets(size)
     k, n_positions = len(offsets), h * w
     rows = torch.arange(h, device=x.device).repeat_interleave(w)
@@ -171,7 +190,7 @@ def neighbour_min_mahalanobis(x, mean, prec_chol, size, block_bytes=2**26):
     source = torch.stack(
         [(rows - dy).clamp(0, h - 1) * w + (cols - dx).clamp(0, w - 1) for dy, dx in offsets], dim=1
     )
-    features = x.permute(2, 3, 0, 1).reshape(n_positions, b, d).contiguous()  # rows to gather
+    features = x.view(n_positions, b, d)
     shift = (mean.unsqueeze(1) @ prec_chol).neg_()  # (P, 1, d): -μU, once per call
     dist = torch.empty((n_positions, k, b), dtype=x.dtype, device=x.device)
     step = max(1, block_bytes // (2 * k * b * d * x.element_size()))
@@ -196,14 +215,15 @@ def topk_image_score(d1, features, centroids, k):
     """Image scores of N-pad eq. (12)-(14): ``(b,)``.
 
     ``Q_k``: the ``k`` largest entries of ``d1 (b, h, w)`` (eq. 12); ``E_k``:
-    the Euclidean distance of the aggregated feature ``features (b, d, h, w)``
+    the Euclidean distance of the aggregated feature ``features (h, w, b, d)``
     of each of those positions to its nearest centroid (eq. 13); the score
     is ``Σ_i sort(E_k)[i] · sort(Q_k)[i]``, both sorted ascending (eq. 14).
     """
-    b, d = features.shape[:2]
-    k = min(k, d1[0].numel())
+    h, w, b, d = features.shape
+    k = min(k, h * w)
     top, where = d1.flatten(1).topk(k, dim=1)
-    picked = features.flatten(2).gather(2, where.unsqueeze(1).expand(b, d, k)).transpose(1, 2)
+    images = torch.arange(b, device=d1.device).unsqueeze(1)
+    picked = features.view(h * w, b, d)[where, images]  # (b, k, d)
     euclid = torch.cdist(picked.reshape(b * k, d), centroids.to(picked.dtype)).amin(dim=1)
     euclid = euclid.view(b, k).sort(dim=1).values
     return (euclid * top.sort(dim=1).values).sum(dim=1)
