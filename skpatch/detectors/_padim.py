@@ -278,8 +278,10 @@ class PaDiMDetector(BaseGaussianDetector):
             grown = np.empty((int(slots[-1]) + 1, *sample.shape[1:]), dtype=sample.dtype)
             grown[: len(sample)] = sample
             sample = grown
-        if len(positions):  # only the images kept are gathered (and copied to the host)
-            sample[slots] = to_host(X[positions][:, channels])
+        if len(positions):  # only the images and channels kept are gathered (and copied to the host)
+            if torch.is_tensor(X):
+                positions, channels = (torch.as_tensor(a, device=X.device) for a in (positions, channels))
+            sample[slots] = to_host(X[positions[:, None], channels])
         self._calibration_sample = sample
         self._n_offered = n_offered + len(X)
 
