@@ -173,8 +173,8 @@ class PatchCoreDetector(BasePatchDetector):
     Denoising adds the LOF, ``O(h w N² C)`` time and ``N²`` floats per
     position chunk. Fitted state: ``M x C`` floats. Scoring: ``O(h w M C)``
     per image, in chunks bounded by scikit-learn's ``working_memory``; the
-    image score alone (``score_samples``, ``predict``) searches the whole
-    bank only for the patches that can still have the largest distance
+    image score alone (``score_samples``, ``predict``) on the CPU searches
+    the whole bank only for the patches that can still have the largest distance
     (:func:`skpatch._memory_bank.largest_nearest_distance`, exact: the
     same scores), 20 to 35 % of the distance computations on the default
     bank, whose first items, in greedy pick order, cover the others.
@@ -562,9 +562,11 @@ class PatchCoreDetector(BasePatchDetector):
         return self._score_chunk(x)[0]
 
     def _image_scores(self, x, patch_scores=None):
-        """Image scores; without memory weights, only the patches that can be the largest are searched."""
+        """Image scores; on the CPU without memory weights, only the patches that can be the largest are searched."""
         bank, weights = self._bank(x.device)
-        if weights is not None:
+        # On a GPU the full product costs less than the pruned search's
+        # synchronizations (and the weights break its bound).
+        if weights is not None or x.device.type != "cpu":
             return self._score_chunk(x)[1]
         patches = _patches(x.to(bank.dtype)).view(len(x), -1, bank.shape[1])
         top, best, nearest = _memory_bank.largest_nearest_distance(patches, bank)
