@@ -64,8 +64,10 @@ def as_tensor(array, device, dtype=None):
     array = np.asarray(array)
     if dtype is not None:
         array = array.astype(dtype, copy=False)
-    if not array.flags.writeable or not array.flags.c_contiguous:
-        # torch warns on read-only buffers (memmaps); a copy is the safe answer.
+    if not array.flags.writeable or any(stride < 0 for stride in array.strides):
+        # torch warns on read-only buffers (memmaps) and refuses negative
+        # strides; a copy is the safe answer. Other strides are kept: the
+        # embedder's channels-last arrays stay channels-last tensors.
         array = np.array(array, order="C")
     return torch.from_numpy(array).to(device)
 

@@ -29,6 +29,26 @@ def test_default_parameters_follow_the_papers():
     assert get_backbone("resnet18").default_layers == ("layer1", "layer2", "layer3")
 
 
+@pytest.mark.parametrize("output", ["numpy", "torch"])
+def test_transform_returns_channels_last_embeddings(images, output):
+    from skpatch import PaDiMDetector
+
+    several = tiny(batch_size=3, output=output).transform(images)  # four batches, one buffer
+    one = tiny(batch_size=16, output=output).transform(images)  # one batch, no copy
+    for out in (several, one):
+        n, c, h, w = out.shape
+        itemsize = 4
+        strides = out.strides if output == "numpy" else tuple(itemsize * s for s in out.stride())
+        assert strides == (h * w * c * itemsize, itemsize, w * c * itemsize, c * itemsize)
+    several, one = (np.asarray(x) for x in (several, one))
+    np.testing.assert_allclose(several, one, rtol=1e-4, atol=1e-6)  # batch sizes round differently
+    # detectors read either layout and score the same
+    detector = PaDiMDetector(n_features=20, map_size=None, random_state=0).fit(several)
+    np.testing.assert_allclose(
+        detector.score_samples(several), detector.score_samples(np.ascontiguousarray(several)), rtol=1e-5
+    )
+
+
 def test_registry_lists_the_shipped_backbones():
     assert {"efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2", "resnet18",
             "wide_resnet50_2"} <= set(available_backbones())
