@@ -155,8 +155,11 @@ def greedy_coreset(x, n_select, *, projection_dim=128, random_state=None, device
 
 # Largest distance block, in bytes: a block is reused across chunks, and a
 # larger one only adds first-touch page faults (a fresh 1 GiB block cost as
-# much as the matrix product that fills it).
+# much as the matrix product that fills it). A large bank is split into
+# blocks rather than the queries into slivers: a product of fewer rows than
+# this runs far below the machine's speed.
 _MAX_BLOCK_BYTES = 32 * 2**20
+_MIN_QUERY_ROWS = 256
 
 
 def _chunk_sizes(n_queries, n_bank, n_features, n_neighbors, itemsize, working_memory):
@@ -170,6 +173,7 @@ def _chunk_sizes(n_queries, n_bank, n_features, n_neighbors, itemsize, working_m
     extra = n_neighbors * (n_features + 4)
     if min_query_rows * (2 * n_bank + extra) * itemsize + n_bank * n_features * itemsize > budget:
         bank_rows = max(1, int(budget // (itemsize * (2 * min_query_rows + n_features))))
+    bank_rows = min(bank_rows, _MAX_BLOCK_BYTES // (min(n_queries, _MIN_QUERY_ROWS) * itemsize))
     bank_rows = max(n_neighbors, min(n_bank, bank_rows))
     query_rows = (budget - bank_rows * n_features * itemsize) // ((2 * bank_rows + extra) * itemsize)
     query_rows = min(query_rows, _MAX_BLOCK_BYTES // (bank_rows * itemsize))
