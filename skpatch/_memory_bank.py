@@ -234,6 +234,8 @@ def nearest_neighbors(
     k = int(n_neighbors)
     if not 1 <= k <= n_bank:
         raise ValueError(f"n_neighbors={k} must be in [1, {n_bank}] (the bank size).")
+    if n_queries == 0:
+        return bank.new_empty((0, k)), torch.empty((0, k), dtype=torch.long, device=bank.device)
     center = bank.mean(dim=0)
     itemsize = bank.element_size()
     query_rows, bank_rows = _chunk_sizes(n_queries, n_bank, d, k, itemsize, working_memory)
@@ -336,7 +338,7 @@ def largest_nearest_distance(queries, bank, *, n_probe=8, working_memory=None):
     start = 0
     for end in ends:
         dist, idx = search(flat[alive], bank[start:end])
-        closer = dist[:, 0] < upper[alive]
+        closer = ~(dist[:, 0] >= upper[alive])  # a NaN distance is kept, as the full search keeps it
         upper[alive[closer]] = dist[closer, 0]
         nearest[alive[closer]] = idx[closer, 0] + start
         start = end
@@ -351,7 +353,9 @@ def largest_nearest_distance(queries, bank, *, n_probe=8, working_memory=None):
         lower = torch.full((n_sets,), -math.inf, dtype=bank.dtype, device=bank.device).scatter_reduce(
             0, probe // n_queries, torch.minimum(upper[probe], rest[:, 0]), "amax"
         )
-        alive = alive[upper[alive] >= lower[alive // n_queries]]
+        # not "upper >= lower": a NaN bound (overflowing input) keeps its query,
+        # so that the NaN reaches the result instead of vanishing
+        alive = alive[~(upper[alive] < lower[alive // n_queries])]
     # every query left has its exact distance; the others cannot be the largest
     masked = torch.full_like(upper, -math.inf).index_copy_(0, alive, upper[alive]).view(n_sets, n_queries)
     distances, best = masked.max(dim=1)

@@ -129,6 +129,16 @@ def test_largest_nearest_distance_small_bank_and_single_query(rng):
     assert query.tolist() == [0, 0] and nearest.tolist() == D.argmin(dim=1).tolist()
 
 
+def test_nearest_neighbors_of_no_queries_and_nan_largest(rng):
+    dist, idx = nearest_neighbors(np.empty((0, 3)), rng.normal(size=(5, 3)), 2)
+    assert dist.shape == idx.shape == (0, 2)
+    # a NaN patch is not pruned away: the set's answer is NaN, not a smaller number
+    queries = torch.from_numpy(rng.normal(size=(2, 40, 3)))
+    queries[1, 5] = float("nan")
+    largest, _, _ = largest_nearest_distance(queries, torch.from_numpy(rng.normal(size=(64, 3))))
+    assert torch.isfinite(largest[0]) and torch.isnan(largest[1])
+
+
 def test_nearest_neighbors_checks_input(rng):
     with pytest.raises(ValueError, match="n_neighbors"):
         nearest_neighbors(rng.normal(size=(3, 2)), rng.normal(size=(2, 2)), 3)
