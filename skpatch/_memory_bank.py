@@ -335,6 +335,12 @@ def largest_nearest_distance(queries, bank, *, n_probe=8, working_memory=None):
     upper = torch.full((len(flat),), math.inf, dtype=bank.dtype, device=bank.device)
     nearest = torch.zeros(len(flat), dtype=torch.long, device=bank.device)
     alive = torch.arange(len(flat), device=bank.device)
+
+    def alive_bounds():
+        """``upper`` of the queries still alive, ``-inf`` elsewhere: ``(n_sets, n_queries)``."""
+        bounds = torch.full_like(upper, -math.inf).index_copy_(0, alive, upper[alive])
+        return bounds.view(n_sets, n_queries)
+
     start = 0
     for end in ends:
         dist, idx = search(flat[alive], bank[start:end])
@@ -345,10 +351,10 @@ def largest_nearest_distance(queries, bank, *, n_probe=8, working_memory=None):
         if end == n_bank:
             break
         # lower bound of each set: the exact distances of its largest upper bounds
-        masked = torch.full_like(upper, -math.inf).index_copy_(0, alive, upper[alive])
-        probe = masked.view(n_sets, n_queries).topk(min(n_probe, n_queries), dim=1).indices
+        bounds = alive_bounds()
+        probe = bounds.topk(min(n_probe, n_queries), dim=1).indices
         probe = (probe + n_queries * torch.arange(n_sets, device=bank.device)[:, None]).ravel()
-        probe = probe[torch.isfinite(masked[probe])]
+        probe = probe[torch.isfinite(bounds.view(-1)[probe])]
         rest, _ = search(flat[probe], bank[end:])
         lower = torch.full((n_sets,), -math.inf, dtype=bank.dtype, device=bank.device).scatter_reduce(
             0, probe // n_queries, torch.minimum(upper[probe], rest[:, 0]), "amax"
@@ -357,8 +363,7 @@ def largest_nearest_distance(queries, bank, *, n_probe=8, working_memory=None):
         # so that the NaN reaches the result instead of vanishing
         alive = alive[~(upper[alive] < lower[alive // n_queries])]
     # every query left has its exact distance; the others cannot be the largest
-    masked = torch.full_like(upper, -math.inf).index_copy_(0, alive, upper[alive]).view(n_sets, n_queries)
-    distances, best = masked.max(dim=1)
+    distances, best = alive_bounds().max(dim=1)
     return distances, best, nearest.view(n_sets, n_queries).gather(1, best[:, None])[:, 0]
 
 
