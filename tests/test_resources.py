@@ -153,6 +153,6 @@ def test_embedder_out_of_memory_names_batch_size(monkeypatch):
     def forward_oom(self, features):
         raise torch.OutOfMemoryError(CUDA_OOM)
 
-    monkeypatch.setattr(PatchEmbedder, "_embed", forward_oom)
+    monkeypatch.setattr(PatchEmbedder, "_aligned", forward_oom)
     with pytest.raises(torch.OutOfMemoryError, match="(?s)CUDA out of memory.*batch_size"):
         tiny_embedder().transform(textures(2))
