@@ -84,6 +84,41 @@ def test_singular_covariance_error_names_epsilon():
         raise AssertionError("no error")
 
 
+@pytest.mark.parametrize("d", [26, 61, 100])
+def test_blocked_precision_cholesky_equals_lapack(d):
+    # Above _LAPACK_BLOCK the factor is built from halves (odd sizes too).
+    assert d > _gaussian._LAPACK_BLOCK
+    x = _x(positions=3, n=2 * d, d=d)
+    count, _, scatter = batch_moments(x)
+    cov = _gaussian.regularized_covariance(scatter, count, 0.01)
+    prec_chol = _gaussian.precision_cholesky(cov)
+    expected = torch.linalg.inv(torch.linalg.cholesky(cov)).mT
+    assert torch.equal(prec_chol, prec_chol.triu())
+    np.testing.assert_allclose(prec_chol, expected, atol=1e-10)
+
+
+def test_blocked_precision_cholesky_names_a_failure_in_the_second_half():
+    # Singular only through the Schur complement of the trailing block.
+    cov = torch.eye(60, dtype=torch.float64).repeat(3, 1, 1)
+    cov[1, 0, 40] = cov[1, 40, 0] = 1
+    with pytest.raises(ValueError, match="position 1 is not positive definite"):
+        _gaussian.precision_cholesky(cov)
+
+
+def test_chunked_moments_continue_from_start_in_place():
+    x = _x() + 100
+    first = batch_moments(x[:, :7])
+    mean, scatter = first[1].clone(), first[2].clone()
+    count, mean_out, scatter_out = _gaussian.chunked_moments(
+        [x[:, 7:20].clone(), x[:, 20:].clone()], start=(7, mean, scatter), overwrite=True
+    )
+    whole = batch_moments(x)
+    assert count == whole[0] and scatter_out is scatter
+    np.testing.assert_array_equal(mean_out, mean)  # updated in place
+    np.testing.assert_allclose(mean, whole[1])
+    np.testing.assert_allclose(scatter, whole[2], rtol=1e-9)
+
+
 def test_chunked_moments_equal_one_shot():
     x = _x() + 100  # a large offset: shifted sums must stay accurate
     count, mean, scatter = _gaussian.chunked_moments([x[:, :4], x[:, 4:5], x[:, 5:]])

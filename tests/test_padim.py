@@ -144,6 +144,42 @@ def test_partial_fit_one_image_at_a_time():
     assert det.score_samples(X).shape == (6,)
 
 
+def test_partial_fit_interrupted_half_way_leaves_no_wrong_model(monkeypatch):
+    # The running sums are updated in place, chunk by chunk: a batch that
+    # fails after its first chunk must not leave a model with part of it.
+    from sklearn.exceptions import NotFittedError
+
+    X = embeddings(n=60)
+    det = PaDiMDetector(n_features=4, random_state=0, map_size=None).partial_fit(X[:10])
+    positions, calls = type(det)._positions, []
+
+    def fail_on_second_chunk(self, x, selected=False):
+        calls.append(len(x))
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return positions(self, x, selected)
+
+    monkeypatch.setattr(type(det), "_positions", fail_on_second_chunk)
+    with pytest.raises(KeyboardInterrupt):
+        det.partial_fit(X[10:])  # 50 images: chunks of 32 and 18
+    assert calls == [32, 18]
+    monkeypatch.undo()
+    with pytest.raises(NotFittedError):
+        det.score_samples(X)
+    # and streaming can start again
+    det.partial_fit(X)
+    assert det.n_samples_seen_ == 60
+
+
+def test_streamed_float32_after_float64_keeps_float64():
+    X = embeddings(n=30, dtype=np.float64)
+    stream = PaDiMDetector(map_size=None).partial_fit(X[:15])
+    stream.partial_fit(X[15:].astype(np.float32))
+    full = PaDiMDetector(map_size=None).fit(X)
+    assert stream.scatter_.dtype == np.float64
+    np.testing.assert_allclose(stream.scatter_, full.scatter_, rtol=1e-5)
+
+
 def test_float64_is_kept_and_float32_is_not_promoted():
     assert PaDiMDetector(map_size=None).fit(embeddings()).mean_.dtype == np.float32
     det = PaDiMDetector(map_size=None).fit(embeddings(dtype=np.float64))

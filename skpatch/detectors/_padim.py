@@ -154,10 +154,17 @@ class PaDiMDetector(BaseGaussianDetector):
         self.device = device
 
     # ------------------------------------------------------------------ fitting
-    def _moments(self, X, device):
-        """Count, mean and scatter of the images ``X`` (tensors on ``device``)."""
+    def _moments(self, X, device, start=None):
+        """Count, mean and scatter of the images ``X`` (tensors on ``device``).
+
+        ``start``: the running moments, which ``X``'s are added to in place.
+        """
+        dtype = None if start is None else start[1].dtype  # the stream keeps its first dtype
+        # _positions copies every chunk: the copies are centered in place.
         return _gaussian.chunked_moments(
-            self._positions(x) for _, x in self._iter_chunks(X, device)
+            (self._positions(x).to(dtype) for _, x in self._iter_chunks(X, device)),
+            start=start,
+            overwrite=True,
         )
 
     def _update(self, X, device, whiten=True):
@@ -174,8 +181,17 @@ class PaDiMDetector(BaseGaussianDetector):
                 as_tensor(self.mean_, device),
                 as_tensor(self.scatter_, device),
             )
-        # In place: the running sums are the only (P, d, d) arrays of a stream.
-        moments = _gaussian.merge_moments_(previous, self._moments(X, device))
+        # In place: the running sums are the only (P, d, d) arrays of a stream
+        # (a merge of per-batch sums cost 40 % of partial_fit on a CPU).
+        try:
+            moments = self._moments(X, device, start=previous)
+        except BaseException:
+            if previous is not None:
+                # Interrupted half-way, the sums hold part of the batch: an
+                # unfitted detector is better than a silently wrong one.
+                params = self.get_params(deep=False)
+                self.__dict__ = {k: v for k, v in self.__dict__.items() if k in params}
+            raise
         self.n_samples_seen_ = int(moments[0])
         self.__dict__.pop("mean_", None)
         self.__dict__.pop("scatter_", None)
@@ -232,7 +248,9 @@ class PaDiMDetector(BaseGaussianDetector):
         Streaming: memory does not depend on the number of images seen, and
         the final model equals :meth:`fit` on all images at once. ``offset_``
         is set on first use from a uniform sample of the images seen (see
-        Notes).
+        Notes). The running sums are updated in place, so an error half-way
+        through a batch (out of memory, an interrupt) leaves the detector
+        unfitted rather than with part of the batch.
 
         Parameters
         ----------
