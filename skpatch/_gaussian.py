@@ -2,7 +2,10 @@
 
 Every function takes position-major tensors: ``x`` of shape ``(P, n, d)`` holds
 the ``d``-dimensional embeddings of ``n`` images at each of ``P`` patch
-positions. Nothing here loops over positions in Python.
+positions (usually a transposed view of ``(n, P, C)`` channels-last
+embeddings, whose kept channels ``index`` are gathered on the way). On a CPU
+the work is done in blocks of positions (:func:`position_blocks`); nothing
+loops over single positions in Python.
 
 The streaming statistics are the running sums of PaDiM §III-B (count,
 ``Σx``, ``Σxxᵀ``) kept in their numerically stable form: the count, the mean
@@ -19,48 +22,82 @@ import torch
 from ._torch_utils import single_threaded
 
 
-def chunked_moments(chunks, start=None, overwrite=False):
-    """Count, mean and scatter of all the ``(P, b, d)`` chunks of an iterable.
+# Positions per block on a CPU. A block of 32 images x 100 channels is 1.6 MB:
+# the gather, centering, product and norm of a block stay in cache, and no
+# (P, n, d) copy is allocated (first touches of that much fresh memory cost
+# as much as the arithmetic). PaDiM's distances of 32-64 ELPV cells: 3.3 ->
+# 1.7-1.9 ms per image on 2 cores against whole-grid tensors.
+_POSITION_BLOCK = 128
+
+
+def position_blocks(x, index=None):
+    """Yield ``(positions, block)`` over blocks of positions of ``x (P, n, C)``.
+
+    ``block`` of shape ``(m, n, d)`` holds the channels ``index`` (all when
+    None) of the positions ``positions`` (a slice), copied into one buffer
+    that every block reuses: use it before asking for the next. On a GPU
+    one block holds every position.
+    """
+    n_positions, n_samples = x.shape[:2]
+    step = _POSITION_BLOCK if x.device.type == "cpu" else n_positions
+    d = x.shape[2] if index is None else len(index)
+    buffer = x.new_empty((min(step, n_positions), n_samples, d))
+    for start in range(0, n_positions, step):
+        stop = min(n_positions, start + step)
+        block = buffer[: stop - start]
+        if index is None:
+            block.copy_(x[start:stop])
+        else:
+            # gather, not index_select: 4x faster on a CPU for the last dimension
+            torch.gather(x[start:stop], 2, index.expand(block.shape), out=block)
+        yield slice(start, stop), block
+
+
+def chunked_moments(chunks, start=None, index=None):
+    """Count, mean and scatter of all the ``(P, b, C)`` chunks of an iterable.
 
     Sums are taken about a shift (the first chunk's mean, or ``start``'s
     mean), which keeps them as stable as centered sums, and the scatter
-    accumulates in place with one batched ``baddbmm`` per chunk: no
-    per-chunk merge of ``(P, d, d)`` arrays. With ``m`` the shift, ``c = x
-    - m`` and ``t = Σc`` over the ``n`` samples, the scatter about the mean
-    is ``Σccᵀ - ttᵀ / n``.
+    accumulates in place with one batched ``baddbmm`` per block of
+    positions: no per-chunk merge of ``(P, d, d)`` arrays. With ``m`` the
+    shift, ``c = x - m`` and ``t = Σc`` over the ``n`` samples, the scatter
+    about the mean is ``Σccᵀ - ttᵀ / n``. The chunks are not modified.
 
     Parameters
     ----------
-    chunks : iterable of tensors of shape (P, b, d)
+    chunks : iterable of tensors of shape (P, b, C)
         The samples, position-major.
     start : tuple (count, mean, scatter), default=None
         Moments of earlier samples, which the chunks' are added to **in
         place** (``mean`` and ``scatter`` are updated and returned): a
         stream adds a batch to its running sums with no ``(P, d, d)``
         temporary. Their scatter is about their mean, so ``t`` starts at 0.
-    overwrite : bool, default=False
-        The chunks are scratch and are centered in place (no copy of each).
+    index : tensor of int, default=None
+        The channels to keep (``d`` of the ``C``); all when None.
     """
-    if start is None:
-        count, shift, total, outer = 0, None, None, None
-    else:
+    count, shift, total, outer = 0, None, None, None
+    if start is not None:
         count, shift, outer = start
-        shift = shift.unsqueeze(1)
-        total = torch.zeros_like(shift[:, 0])
+        total = torch.zeros_like(shift)
     for x in chunks:
-        if shift is None:
-            shift = x.mean(dim=1, keepdim=True)
-            total = torch.zeros_like(shift[:, 0])
-            outer = x.new_zeros(x.shape[0], x.shape[2], x.shape[2])
-        centered = x.sub_(shift) if overwrite else x - shift
-        total += centered.sum(dim=1)
-        outer.baddbmm_(centered.transpose(1, 2), centered)
+        first = shift is None
+        if first:
+            d = x.shape[2] if index is None else len(index)
+            shift = x.new_empty((x.shape[0], d))
+            total = torch.zeros_like(shift)
+            outer = x.new_zeros((x.shape[0], d, d))
+        for positions, block in position_blocks(x, index):
+            if first:
+                torch.mean(block, dim=1, out=shift[positions])
+            centered = block.sub_(shift[positions].unsqueeze(1))
+            total[positions] += centered.sum(dim=1)
+            outer[positions].baddbmm_(centered.transpose(1, 2), centered)
         count += x.shape[1]
     if shift is None:
         raise ValueError("no samples to compute moments of")
     mean_shift = total / count
     scatter = outer.baddbmm_(mean_shift.unsqueeze(2), total.unsqueeze(1), alpha=-1)
-    return count, shift[:, 0].add_(mean_shift), scatter
+    return count, shift.add_(mean_shift), scatter
 
 
 def merge_moments(first, second):
@@ -184,12 +221,20 @@ def _inverse_cholesky(covariance, block):
     return inv_chol, failed_11 | failed_22
 
 
-def mahalanobis(x, center, prec_chol):
-    """PaDiM eq. (2): distances ``(P, n)`` of ``x (P, n, d)`` to per-position Gaussians.
+def mahalanobis(x, center, prec_chol, index=None):
+    """PaDiM eq. (2): distances ``(P, n)`` of ``x (P, n, C)`` to per-position Gaussians.
 
-    ``(x - c) U`` is computed as ``x U - c U`` inside one ``baddbmm``, which
-    saves a pass over ``x`` (``c U`` is per position, not per image).
+    ``index``: the channels of ``x`` the Gaussians are over (all when None).
+    ``(x - c) U`` is computed as ``x U - c U`` inside one ``baddbmm`` per
+    block of positions, which saves a pass over ``x`` (``c U`` is per
+    position, not per image).
     """
     shift = (center.unsqueeze(1) @ prec_chol).neg_()
-    z = torch.baddbmm(shift, x, prec_chol)
-    return torch.linalg.vector_norm(z, dim=2)
+    distances = x.new_empty(x.shape[:2], dtype=prec_chol.dtype)
+    product = None
+    for positions, block in position_blocks(x, index):
+        if product is None:
+            product = torch.empty_like(block)
+        z = torch.baddbmm(shift[positions], block, prec_chol[positions], out=product[: len(block)])
+        torch.linalg.vector_norm(z, dim=2, out=distances[positions])
+    return distances

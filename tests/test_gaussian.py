@@ -109,14 +109,39 @@ def test_chunked_moments_continue_from_start_in_place():
     x = _x() + 100
     first = batch_moments(x[:, :7])
     mean, scatter = first[1].clone(), first[2].clone()
+    original = x.clone()
     count, mean_out, scatter_out = _gaussian.chunked_moments(
-        [x[:, 7:20].clone(), x[:, 20:].clone()], start=(7, mean, scatter), overwrite=True
+        [x[:, 7:20], x[:, 20:]], start=(7, mean, scatter)
     )
+    assert torch.equal(x, original)  # the chunks are not modified
     whole = batch_moments(x)
     assert count == whole[0] and scatter_out is scatter
     np.testing.assert_array_equal(mean_out, mean)  # updated in place
     np.testing.assert_allclose(mean, whole[1])
     np.testing.assert_allclose(scatter, whole[2], rtol=1e-9)
+
+
+def test_moments_and_distances_in_position_blocks_with_channel_index():
+    # More positions than one block (the last one partial), and a channel
+    # subset gathered from a transposed view of (n, P, C) embeddings.
+    n_positions = 2 * _gaussian._POSITION_BLOCK + 7
+    g = torch.Generator().manual_seed(0)
+    embeddings = torch.randn(12, n_positions, 9, generator=g, dtype=torch.float64) + 5
+    x = embeddings.transpose(0, 1)  # (P, n, C), not contiguous
+    index = torch.tensor([0, 3, 4, 8])
+    count, mean, scatter = _gaussian.chunked_moments([x[:, :5], x[:, 5:]], index=index)
+    expected = batch_moments(x[:, :, index])
+    assert count == 12
+    np.testing.assert_allclose(mean, expected[1])
+    np.testing.assert_allclose(scatter, expected[2], rtol=1e-9, atol=1e-10)
+    cov = _gaussian.regularized_covariance(scatter, count, 0.01)
+    prec_chol = _gaussian.precision_cholesky(cov)
+    distances = _gaussian.mahalanobis(x, mean, prec_chol, index)
+    reference = torch.linalg.vector_norm(
+        (x[:, :, index] - mean.unsqueeze(1)) @ prec_chol, dim=2
+    )
+    assert distances.shape == (n_positions, 12)
+    np.testing.assert_allclose(distances, reference, rtol=1e-10)
 
 
 def test_chunked_moments_equal_one_shot():

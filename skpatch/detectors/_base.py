@@ -419,23 +419,17 @@ class BaseGaussianDetector(BasePatchDetector):
         return np.sort(rng.choice(n_channels, self.n_features, replace=False))
 
     def _positions(self, x, selected=False):
-        """Embeddings ``(b, C, h, w)`` -> selected channels as ``(P, b, d)``.
+        """Embeddings ``(b, C, h, w)`` -> ``((P, b, C) view, channel index or None)``.
 
-        The result is a transposed view of a ``(b, P, d)`` array: batched
-        matrix products take it without a copy, and building it is one
-        NCHW -> NHWC copy (the channel gather writes straight into it)
-        instead of a transpose to position-major order. ``selected=True``:
-        ``x`` holds the selected channels already.
+        The view costs nothing for channels-last embeddings (the
+        embedder's) and NCHW ones alike; the kernels of
+        :mod:`skpatch._gaussian` gather the selected channels block by
+        block. ``selected=True``: ``x`` holds the selected channels only.
         """
-        nhwc = x.permute(0, 2, 3, 1)
+        view = x.flatten(2).transpose(1, 2).transpose(0, 1)
         if selected:
-            nhwc = nhwc.contiguous()
-        else:
-            index = torch.as_tensor(self.feature_indices_, device=x.device)
-            out = x.new_empty((*nhwc.shape[:3], len(index)))
-            nhwc = torch.index_select(nhwc, 3, index, out=out)
-        n_images, n_selected = len(x), nhwc.shape[-1]
-        return nhwc.view(n_images, -1, n_selected).transpose(0, 1)
+            return view, None
+        return view, torch.as_tensor(self.feature_indices_, device=x.device)
 
     def _bytes_per_image(self, X):
         n_positions = X.shape[2] * X.shape[3]
@@ -496,8 +490,8 @@ class BaseGaussianDetector(BasePatchDetector):
         """
 
         def patch_scores(x):
-            positions = self._positions(x.to(center.dtype), selected)
-            distances = _gaussian.mahalanobis(positions, center, prec_chol)
+            view, index = self._positions(x.to(center.dtype), selected)
+            distances = _gaussian.mahalanobis(view, center, prec_chol, index)
             if leave_one_out is not None:
                 distances = _gaussian.leave_one_out_sq(distances.square(), leave_one_out).sqrt()
             return distances.T.reshape(len(x), *self.grid_shape_)

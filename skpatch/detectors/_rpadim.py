@@ -297,7 +297,8 @@ class RobustPaDiMDetector(BaseGaussianDetector):
             kept = keep[:, batch]
 
             def patch_scores(x, kept=kept):
-                sq = _gaussian.mahalanobis(self._positions(x.to(median.dtype)), median, prec_chol)
+                view, index = self._positions(x.to(median.dtype))
+                sq = _gaussian.mahalanobis(view, median, prec_chol, index)
                 sq = sq.square()
                 # A covariance left without one of 2 patches is undefined: in-sample there.
                 loo = kept & (count >= 3)
