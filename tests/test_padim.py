@@ -153,13 +153,13 @@ def test_partial_fit_interrupted_half_way_leaves_no_wrong_model(monkeypatch):
     det = PaDiMDetector(n_features=4, random_state=0, map_size=None).partial_fit(X[:10])
     positions, calls = type(det)._positions, []
 
-    def fail_on_second_chunk(self, x, selected=False):
+    def fail_on_second_chunk(x):
         calls.append(len(x))
         if len(calls) == 2:
             raise KeyboardInterrupt
-        return positions(self, x, selected)
+        return positions(x)
 
-    monkeypatch.setattr(type(det), "_positions", fail_on_second_chunk)
+    monkeypatch.setattr(type(det), "_positions", staticmethod(fail_on_second_chunk))
     with pytest.raises(KeyboardInterrupt):
         det.partial_fit(X[10:])  # 50 images: chunks of 32 and 18
     assert calls == [32, 18]

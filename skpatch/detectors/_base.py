@@ -418,18 +418,19 @@ class BaseGaussianDetector(BasePatchDetector):
         rng = check_random_state(self.random_state)
         return np.sort(rng.choice(n_channels, self.n_features, replace=False))
 
-    def _positions(self, x, selected=False):
-        """Embeddings ``(b, C, h, w)`` -> ``((P, b, C) view, channel index or None)``.
+    @staticmethod
+    def _positions(x):
+        """Embeddings ``(b, C, h, w)`` -> their position-major ``(P, b, C)`` view.
 
-        The view costs nothing for channels-last embeddings (the
-        embedder's) and NCHW ones alike; the kernels of
-        :mod:`skpatch._gaussian` gather the selected channels block by
-        block. ``selected=True``: ``x`` holds the selected channels only.
+        No copy for channels-last embeddings (the embedder's) and NCHW ones
+        alike; the kernels of :mod:`skpatch._gaussian` gather the selected
+        channels (:meth:`_channel_index`) block by block.
         """
-        view = x.flatten(2).transpose(1, 2).transpose(0, 1)
-        if selected:
-            return view, None
-        return view, torch.as_tensor(self.feature_indices_, device=x.device)
+        return x.flatten(2).transpose(1, 2).transpose(0, 1)
+
+    def _channel_index(self, device):
+        """The selected channels (``feature_indices_``) as a tensor on ``device``."""
+        return torch.as_tensor(self.feature_indices_, device=device)
 
     def _bytes_per_image(self, X):
         n_positions = X.shape[2] * X.shape[3]
@@ -490,8 +491,10 @@ class BaseGaussianDetector(BasePatchDetector):
         """
 
         def patch_scores(x):
-            view, index = self._positions(x.to(center.dtype), selected)
-            distances = _gaussian.mahalanobis(view, center, prec_chol, index)
+            index = None if selected else self._channel_index(x.device)
+            distances = _gaussian.mahalanobis(
+                self._positions(x.to(center.dtype)), center, prec_chol, index
+            )
             if leave_one_out is not None:
                 distances = _gaussian.leave_one_out_sq(distances.square(), leave_one_out).sqrt()
             return distances.T.reshape(len(x), *self.grid_shape_)

@@ -160,11 +160,10 @@ class PaDiMDetector(BaseGaussianDetector):
         ``start``: the running moments, which ``X``'s are added to in place.
         """
         dtype = None if start is None else start[1].dtype  # the stream keeps its first dtype
-        index = torch.as_tensor(self.feature_indices_, device=device)
         return _gaussian.chunked_moments(
-            (self._positions(x.to(dtype))[0] for _, x in self._iter_chunks(X, device)),
+            (self._positions(x.to(dtype)) for _, x in self._iter_chunks(X, device)),
             start=start,
-            index=index,
+            index=self._channel_index(device),
         )
 
     def _update(self, X, device, whiten=True):

@@ -297,8 +297,10 @@ class RobustPaDiMDetector(BaseGaussianDetector):
             kept = keep[:, batch]
 
             def patch_scores(x, kept=kept):
-                view, index = self._positions(x.to(median.dtype))
-                sq = _gaussian.mahalanobis(view, median, prec_chol, index)
+                sq = _gaussian.mahalanobis(
+                    self._positions(x.to(median.dtype)), median, prec_chol,
+                    self._channel_index(x.device),
+                )
                 sq = sq.square()
                 # A covariance left without one of 2 patches is undefined: in-sample there.
                 loo = kept & (count >= 3)
