@@ -11,6 +11,7 @@ from skpatch.backbones._efficientnet_lite import (
     VARIANTS,
     EfficientNetLite,
     build_efficientnet_lite,
+    _SameConv2d,
     efficientnet_lite_weights_path,
     stage_channels,
 )
@@ -121,6 +122,28 @@ def test_same_padding_is_asymmetric_like_tf():
         out = conv(x)[0, 0]
     # Windows start at rows/cols 0 and 2, so the taps are x[0, 0], x[0, 2], ...
     torch.testing.assert_close(out, 3 * torch.tensor([[0.0, 2.0], [8.0, 10.0]]))
+
+
+def _tf_same_reference(conv, x):
+    # TF "SAME" by its definition: pad the input, extra pixel at the end.
+    pads = []
+    for n, k, s in zip(reversed(x.shape[-2:]), reversed(conv.kernel_size), reversed(conv.stride)):
+        total = max((-(-n // s) - 1) * s + k - n, 0)
+        pads += [total // 2, total - total // 2]
+    return F.conv2d(F.pad(x, pads), conv.weight, stride=conv.stride, groups=conv.groups)
+
+
+@pytest.mark.parametrize("kernel_size, groups", [(3, 1), (3, 6), (5, 6), (4, 1)])
+@pytest.mark.parametrize("stride", [1, 2])
+@pytest.mark.parametrize("shape", [(8, 8), (9, 9), (8, 11), (13, 6)])
+def test_same_conv_matches_padded_input(kernel_size, groups, stride, shape):
+    # The zero-extended kernel stands in for the asymmetric input padding,
+    # on each axis separately (even and odd sizes mixed).
+    torch.manual_seed(0)
+    conv = _SameConv2d(6, 12, kernel_size, stride=stride, groups=groups)
+    x = torch.randn(2, 6, *shape)
+    with torch.no_grad():
+        torch.testing.assert_close(conv(x), _tf_same_reference(conv, x))
 
 
 def test_unknown_variant():
