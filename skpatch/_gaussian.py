@@ -166,7 +166,7 @@ def regularized_covariance(scatter, count, epsilon):
 _LAPACK_BLOCK = 25
 
 
-def precision_cholesky(covariance):
+def precision_cholesky(covariance, overwrite=False):
     """Upper-triangular ``U`` with ``Σ⁻¹ = U Uᵀ`` for every position (batched).
 
     With ``Σ = L Lᵀ`` (Cholesky), ``U = L⁻ᵀ``, so the Mahalanobis distance is
@@ -175,7 +175,19 @@ def precision_cholesky(covariance):
     matrices (the blocked Cholesky of LAPACK, with the inverse built
     alongside): with ``Σ = [[A, Bᵀ], [B, C]]``, ``L₁₁⁻¹`` from ``A``,
     ``L₂₁ = B L₁₁⁻ᵀ``, ``L₂₂⁻¹`` from the Schur complement ``C - L₂₁ L₂₁ᵀ``,
-    and ``L⁻¹ = [[L₁₁⁻¹, 0], [-L₂₂⁻¹ L₂₁ L₁₁⁻¹, L₂₂⁻¹]]``.
+    and ``L⁻¹ = [[L₁₁⁻¹, 0], [-L₂₂⁻¹ L₂₁ L₁₁⁻¹, L₂₂⁻¹]]``. Each block of
+    ``L⁻¹`` is written over the block of ``Σ`` it comes from, so the only
+    temporary is ``L₂₁`` (a quarter of ``Σ``).
+
+    Parameters
+    ----------
+    covariance : tensor of shape (P, d, d)
+        Symmetric positive-definite matrices (only their lower triangles
+        are read).
+    overwrite : bool, default=False
+        Compute ``U`` in the memory of ``covariance`` (which is destroyed)
+        instead of a copy: saves a ``(P, d, d)`` array, whose first touch
+        alone costs as much as the products on a CPU.
     """
     if not bool(torch.isfinite(covariance.sum())) and not bool(torch.isfinite(covariance).all()):
         # Squares of embeddings beyond ~1e19 overflow float32 (1e154 for float64).
@@ -184,41 +196,44 @@ def precision_cholesky(covariance):
             "(infinite or NaN entries): the embeddings are too large; rescale them, or "
             "cast them to float64."
         )
+    largest = covariance.diagonal(dim1=-2, dim2=-1).amax(dim=-1)  # for the error below
+    inv_chol = covariance if overwrite else covariance.clone()
     block = _LAPACK_BLOCK if covariance.device.type == "cpu" else covariance.shape[-1]
-    inv_chol, failed = _inverse_cholesky(covariance, block)
+    failed = _inverse_cholesky_(inv_chol, block)
     if bool(failed.any()):
         bad = int(failed.nonzero()[0, 0])
-        largest = float(covariance[bad].diagonal().max())
         raise ValueError(
             f"the covariance at patch position {bad} is not positive definite (its largest "
-            f"variance is {largest:.3g}): increase epsilon, the ridge added to every "
-            "covariance, or rescale the embeddings."
+            f"variance is {float(largest[bad]):.3g}): increase epsilon, the ridge added to "
+            "every covariance, or rescale the embeddings."
         )
     return inv_chol.transpose(1, 2)
 
 
-def _inverse_cholesky(covariance, block):
-    """``(L⁻¹, failed)``: inverse Cholesky factors and where a factorization failed."""
-    d = covariance.shape[-1]
+def _inverse_cholesky_(a, block):
+    """Overwrite ``a`` with its inverse Cholesky factors ``L⁻¹``; return where one failed."""
+    d = a.shape[-1]
     if d <= block:
         # LAPACK loops over small matrices and parallelizes inside each one,
         # which only adds synchronization (4-20x slowdowns as soon as another
         # process competes for the cores, measured here on 2 cores).
-        with single_threaded() if covariance.device.type == "cpu" else contextlib.nullcontext():
-            chol, info = torch.linalg.cholesky_ex(covariance)
-            eye = torch.eye(d, dtype=covariance.dtype, device=covariance.device)
-            return torch.linalg.solve_triangular(chol, eye.expand_as(chol), upper=False), info > 0
+        with single_threaded() if a.device.type == "cpu" else contextlib.nullcontext():
+            chol, info = torch.linalg.cholesky_ex(a)
+            eye = torch.eye(d, dtype=a.dtype, device=a.device)
+            torch.linalg.solve_triangular(chol, eye.expand_as(chol), upper=False, out=a)
+        return info > 0
     h = d // 2
-    inv_11, failed_11 = _inverse_cholesky(covariance[:, :h, :h], block)
-    chol_21 = covariance[:, h:, :h] @ inv_11.mT
-    schur = torch.baddbmm(covariance[:, h:, h:], chol_21, chol_21.mT, alpha=-1)
-    inv_22, failed_22 = _inverse_cholesky(schur, block)
-    inv_chol = covariance.new_zeros(covariance.shape)
-    inv_chol[:, :h, :h] = inv_11
-    inv_chol[:, h:, h:] = inv_22
-    torch.bmm(inv_22, chol_21 @ inv_11, out=inv_chol[:, h:, :h])
-    inv_chol[:, h:, :h].neg_()
-    return inv_chol, failed_11 | failed_22
+    inv_11, lower_left, inv_22 = a[:, :h, :h], a[:, h:, :h], a[:, h:, h:]
+    failed = _inverse_cholesky_(inv_11, block)
+    chol_21 = lower_left @ inv_11.mT
+    inv_22.baddbmm_(chol_21, chol_21.mT, alpha=-1)  # the Schur complement
+    failed |= _inverse_cholesky_(inv_22, block)
+    # -L₂₂⁻¹ L₂₁ L₁₁⁻¹, with B's block (no longer needed) as the scratch space
+    torch.bmm(inv_22, chol_21, out=lower_left)
+    torch.bmm(lower_left, inv_11, out=chol_21)
+    lower_left.copy_(chol_21).neg_()
+    a[:, :h, h:].zero_()
+    return failed
 
 
 def mahalanobis(x, center, prec_chol, index=None):

@@ -102,7 +102,25 @@ def test_blocked_precision_cholesky_names_a_failure_in_the_second_half():
     cov = torch.eye(60, dtype=torch.float64).repeat(3, 1, 1)
     cov[1, 0, 40] = cov[1, 40, 0] = 1
     with pytest.raises(ValueError, match="position 1 is not positive definite"):
-        _gaussian.precision_cholesky(cov)
+        _gaussian.precision_cholesky(cov, overwrite=True)
+    # the message reports the variance read before the matrices were overwritten
+    cov = 5 * torch.eye(60, dtype=torch.float64).repeat(3, 1, 1)
+    cov[2, 0, 40] = cov[2, 40, 0] = 5
+    with pytest.raises(ValueError, match="position 2 .* largest variance is 5"):
+        _gaussian.precision_cholesky(cov, overwrite=True)
+
+
+@pytest.mark.parametrize("d", [3, 61])
+def test_precision_cholesky_overwrite_reuses_the_covariance(d):
+    x = _x(positions=3, n=2 * d, d=d)
+    count, _, scatter = batch_moments(x)
+    cov = _gaussian.regularized_covariance(scatter, count, 0.01)
+    original = cov.clone()
+    copied = _gaussian.precision_cholesky(cov)
+    assert torch.equal(cov, original)  # by default the input is kept
+    in_place = _gaussian.precision_cholesky(cov, overwrite=True)
+    assert in_place.data_ptr() == cov.data_ptr()
+    torch.testing.assert_close(in_place, copied, rtol=0, atol=0)
 
 
 def test_chunked_moments_continue_from_start_in_place():

@@ -447,7 +447,7 @@ class BaseGaussianDetector(BasePatchDetector):
         count, center, scatter = moments
         self._warn_degenerate(count, center, scatter)
         covariance = _gaussian.regularized_covariance(scatter, count, self.epsilon)
-        return center, _gaussian.precision_cholesky(covariance)
+        return center, _gaussian.precision_cholesky(covariance, overwrite=True)
 
     def _warn_degenerate(self, count, center, scatter):
         """Warn when the covariances come from ``epsilon`` rather than the data.

@@ -347,7 +347,7 @@ class NPadDetector(BaseGaussianDetector):
         self.neighbor_weights_ = to_numpy(weights)
         self.weighted_mean_ = to_numpy(weighted_mean.reshape(h * w, d))
         self.weighted_precision_cholesky_ = to_numpy(
-            _gaussian.precision_cholesky(weighted_cov.view(h * w, d, d))
+            _gaussian.precision_cholesky(weighted_cov.view(h * w, d, d), overwrite=True)
         )
 
     @_fit_context(prefer_skip_nested_validation=True)
