@@ -197,9 +197,12 @@ def precision_cholesky(covariance, overwrite=False):
             "cast them to float64."
         )
     largest = covariance.diagonal(dim1=-2, dim2=-1).amax(dim=-1)  # for the error below
-    inv_chol = covariance if overwrite else covariance.clone()
+    factor = covariance if overwrite else covariance.clone()
     block = _LAPACK_BLOCK if covariance.device.type == "cpu" else covariance.shape[-1]
-    failed = _inverse_cholesky_(inv_chol, block)
+    # L⁻¹ written through the transposed view leaves U = L⁻ᵀ in row-major
+    # order (contiguous, as scoring reads it); Σ is symmetric, so the view
+    # reads the same matrices, in the column-major order LAPACK works in.
+    failed = _inverse_cholesky_(factor.mT, block)
     if bool(failed.any()):
         bad = int(failed.nonzero()[0, 0])
         raise ValueError(
@@ -207,7 +210,7 @@ def precision_cholesky(covariance, overwrite=False):
             f"variance is {float(largest[bad]):.3g}): increase epsilon, the ridge added to "
             "every covariance, or rescale the embeddings."
         )
-    return inv_chol.transpose(1, 2)
+    return factor
 
 
 def _inverse_cholesky_(a, block):
