@@ -5,6 +5,8 @@ import torch
 from sklearn.neighbors import NearestNeighbors
 
 from skpatch._memory_bank import (
+    channels_last_empty,
+    fill_reservoir,
     greedy_coreset,
     largest_nearest_distance,
     nearest_neighbors,
@@ -183,3 +185,27 @@ def test_reservoir_slots_sample_uniformly():
     # each item is kept with probability 10 / 100: 40 times in 400 runs
     assert counts.sum() == 4000
     assert 20 < counts.min() and counts.max() < 62
+
+
+@pytest.mark.parametrize("as_tensor", [False, True])
+@pytest.mark.parametrize("channels", [None, [4, 0, 2]])
+def test_fill_reservoir_grows_and_keeps_channels_last(as_tensor, channels):
+    rng = np.random.default_rng(0)
+    images = rng.normal(size=(6, 5, 3, 4)).astype(np.float32)
+    batch = np.ascontiguousarray(images.transpose(0, 2, 3, 1)).transpose(0, 3, 1, 2)
+    if as_tensor:
+        batch = torch.from_numpy(batch)
+    kept = slice(None) if channels is None else channels
+    sample = channels_last_empty((0, 5 if channels is None else 3, 3, 4), np.float32)
+    # still filling: slots 0 .. 3 are appended
+    sample = fill_reservoir(sample, batch[:4], np.arange(4), np.arange(4), channels)
+    assert sample.shape == (4, 5 if channels is None else 3, 3, 4)
+    assert sample.transpose(0, 2, 3, 1).flags.c_contiguous  # channels-last
+    np.testing.assert_array_equal(sample, images[:4][:, kept])
+    # replacements: image 5 into slot 1, image 4 into slot 3; nothing grows
+    same = sample
+    sample = fill_reservoir(sample, batch[4:], np.array([1, 0]), np.array([1, 3]), channels)
+    assert sample is same
+    np.testing.assert_array_equal(sample, images[[0, 5, 2, 4]][:, kept])
+    # nothing kept from a batch
+    assert fill_reservoir(sample, batch[4:], np.array([], int), np.array([], int)) is same

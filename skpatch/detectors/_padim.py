@@ -6,7 +6,7 @@ from sklearn.base import _fit_context
 from sklearn.utils import check_random_state
 
 from .. import _gaussian, _memory_bank
-from .._torch_utils import as_tensor, numpy_dtype, resolve_device, to_host, to_numpy
+from .._torch_utils import as_tensor, numpy_dtype, resolve_device, to_numpy
 from ._base import BaseGaussianDetector
 
 # Training images kept by partial_fit to calibrate offset_ (selected channels
@@ -287,18 +287,12 @@ class PaDiMDetector(BaseGaussianDetector):
         n_offered = self.__dict__.get("_n_offered", 0)
         seed = check_random_state(self.random_state).randint(2**31)
         rng = np.random.default_rng([seed, n_offered])  # reproducible across calls
-        channels = self.feature_indices_
         if sample is None:
-            sample = np.empty((0, len(channels), *X.shape[2:]), dtype=numpy_dtype(X.dtype))
+            shape = (0, len(self.feature_indices_), *X.shape[2:])
+            sample = _memory_bank.channels_last_empty(shape, numpy_dtype(X.dtype))
         positions, slots = _memory_bank.reservoir_slots(n_offered, len(X), _CALIBRATION_SIZE, rng)
-        if len(slots) and slots[-1] >= len(sample):  # still filling: appended slots
-            grown = np.empty((int(slots[-1]) + 1, *sample.shape[1:]), dtype=sample.dtype)
-            grown[: len(sample)] = sample
-            sample = grown
-        if len(positions):  # only the images and channels kept are gathered (and copied to the host)
-            if torch.is_tensor(X):
-                positions, channels = (torch.as_tensor(a, device=X.device) for a in (positions, channels))
-            sample[slots] = to_host(X[positions[:, None], channels])
+        # only the images and channels kept are gathered (and copied to the host)
+        sample = _memory_bank.fill_reservoir(sample, X, positions, slots, self.feature_indices_)
         self._calibration_sample = sample
         self._n_offered = n_offered + len(X)
 

@@ -459,19 +459,16 @@ class PatchCoreDetector(BasePatchDetector):
         """Uniform reservoir sample of at most 32 of the streamed images, for ``offset_``."""
         sample = self.__dict__.get("_calibration_sample")
         if sample is None:
-            sample = np.empty((0, *X.shape[1:]), dtype=np.float32)
+            sample = _memory_bank.channels_last_empty((0, *X.shape[1:]), np.float32)
             ids = np.empty(0, dtype=np.int64)
             offered = 0
         else:
             ids, offered = self._calibration_ids, self._calibration_offered
         rng = self._stream_rng(1, offered)
         positions, slots = _memory_bank.reservoir_slots(offered, len(X), _CALIBRATION_SIZE, rng)
-        new_size = max(len(sample), int(slots[-1]) + 1 if len(slots) else 0)
-        if new_size > len(sample):
-            extra = new_size - len(sample)
-            sample = np.concatenate([sample, np.empty((extra, *X.shape[1:]), dtype=np.float32)])
-            ids = np.concatenate([ids, np.empty(extra, dtype=np.int64)])
-        sample[slots] = X[positions]
+        sample = _memory_bank.fill_reservoir(sample, X, positions, slots)
+        if len(sample) > len(ids):
+            ids = np.concatenate([ids, np.empty(len(sample) - len(ids), dtype=np.int64)])
         ids[slots] = self._n_images_seen + positions
         self._calibration_sample, self._calibration_ids = sample, ids
         self._calibration_offered = offered + len(X)
