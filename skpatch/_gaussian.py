@@ -182,8 +182,8 @@ def precision_cholesky(covariance, overwrite=False):
     Parameters
     ----------
     covariance : tensor of shape (P, d, d)
-        Symmetric positive-definite matrices (only their lower triangles
-        are read).
+        Symmetric positive-definite matrices (one triangle of each is
+        read).
     overwrite : bool, default=False
         Compute ``U`` in the memory of ``covariance`` (which is destroyed)
         instead of a copy: saves a ``(P, d, d)`` array, whose first touch

@@ -34,11 +34,11 @@ from sklearn.utils import check_random_state
 from ._torch_utils import as_tensor, single_threaded
 
 __all__ = [
+    "fill_reservoir",
     "greedy_coreset",
     "largest_nearest_distance",
     "nearest_neighbors",
     "patch_rows",
-    "fill_reservoir",
     "random_projection",
     "reservoir_slots",
 ]
