@@ -1,9 +1,12 @@
+import math
+
 import numpy as np
 import pytest
 import sklearn
 import torch
 from sklearn.neighbors import NearestNeighbors
 
+from skpatch import _memory_bank as memory_bank
 from skpatch._memory_bank import (
     channels_last_empty,
     fill_reservoir,
@@ -103,6 +106,20 @@ def test_nearest_neighbors_leave_one_group_out(rng):
     assert np.isinf(dist[:, 1].numpy()).all() and np.isfinite(dist[:, 0].numpy()).all()
 
 
+def test_two_stage_argmin_equals_argmin(rng):
+    x = torch.from_numpy(rng.randint(0, 50, size=(40, 3 * 128)).astype(np.float32))  # many ties
+    x[3] = math.inf
+    x[4, 200:] = -math.inf
+    x[5, 7] = x[6, 300] = math.nan
+    np.testing.assert_array_equal(memory_bank._argmin_rows(x).numpy(), x.argmin(dim=1).numpy())
+    # a bank whose width is padded to whole groups finds the same neighbours
+    bank, queries = rng.normal(size=(1000, 8)).astype(np.float32), rng.normal(size=(300, 8)).astype(np.float32)
+    dist, idx = nearest_neighbors(queries, bank, 1)
+    D = np.linalg.norm(queries[:, None] - bank[None], axis=2)
+    np.testing.assert_array_equal(idx[:, 0].numpy(), D.argmin(axis=1))
+    np.testing.assert_allclose(dist[:, 0].numpy(), D.min(axis=1), rtol=1e-6)
+
+
 @pytest.mark.parametrize("order", ["greedy", "random"])
 @pytest.mark.parametrize("n_probe", [1, 8, 100])
 def test_largest_nearest_distance_equals_full_search(rng, order, n_probe):
@@ -120,6 +137,35 @@ def test_largest_nearest_distance_equals_full_search(rng, order, n_probe):
     np.testing.assert_array_equal(query.numpy(), grid.argmax(dim=1).numpy())
     assert query[1] == 7 and query[2] == 0
     np.testing.assert_array_equal(nearest.numpy(), idx.view(6, 30).numpy()[np.arange(6), query.numpy()])
+
+
+@pytest.mark.parametrize("offset, working_memory", [(0.0, None), (1000.0, None), (0.0, 0.01)])
+def test_largest_nearest_distance_prunes_exactly(rng, offset, working_memory, monkeypatch):
+    # clustered float32 data far from 0 (a large rounding error in the
+    # expanded distances, which the bounds must carry) and chunks of a few rows
+    centers = rng.normal(scale=4, size=(20, 16))
+    bank = (centers[rng.randint(0, 20, 2000)] + rng.normal(size=(2000, 16)) + offset).astype(np.float32)
+    bank = bank[greedy_coreset(bank, 2000, projection_dim=None, random_state=0).numpy()]
+    queries = (centers[rng.randint(0, 20, (12, 100))] + rng.normal(size=(12, 100, 16)) + offset).astype(np.float32)
+    queries[4, 50] += 3  # a patch off its cluster decides its set
+    bank, queries = torch.from_numpy(bank), torch.from_numpy(queries)
+    searched = []
+
+    def search(q, *args, **kwargs):
+        searched.append(len(q))
+        return nearest_neighbors(q, *args, **kwargs)
+
+    monkeypatch.setattr(memory_bank, "nearest_neighbors", search)
+    largest, query, nearest = largest_nearest_distance(queries, bank, working_memory=working_memory)
+    monkeypatch.undo()
+    dist, idx = nearest_neighbors(queries.reshape(-1, 16), bank, 1)
+    grid = dist.view(12, 100)
+    np.testing.assert_array_equal(largest.numpy(), grid.max(dim=1).values.numpy())
+    np.testing.assert_array_equal(query.numpy(), grid.argmax(dim=1).numpy())
+    np.testing.assert_array_equal(nearest.numpy(), idx.view(12, 100).numpy()[np.arange(12), query.numpy()])
+    assert query[4] == 50
+    # the cells' bounds leave few queries to search in the whole bank
+    assert sum(searched) < 0.25 * 1200
 
 
 def test_largest_nearest_distance_small_bank_and_single_query(rng):
