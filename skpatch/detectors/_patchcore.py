@@ -177,7 +177,7 @@ class PatchCoreDetector(BasePatchDetector):
     the whole bank only for the patches that can still have the largest distance
     (:func:`skpatch._memory_bank.largest_nearest_distance`, exact: the
     same scores): each patch is first compared with the items of one cell of
-    the bank, which bounds its distance, and 7 to 11 % of the distance
+    the bank, which bounds its distance, and 7 % of the distance
     computations of a full search remain on the default bank.
 
     **Streaming.** :meth:`partial_fit` adds each batch's patches to the
