@@ -108,7 +108,7 @@ def greedy_coreset(x, n_select, *, projection_dim=128, random_state=None, device
     ``x`` (which is not copied when it is a float32 array or tensor on
     ``device``, and a projection is used). On the
     CPU each pick reads the ``n x p`` projected points once (memory bound:
-    about 5 ms for ``n = 10⁵``, ``p = 128``).
+    about 1.1 ms for ``n = 5 x 10⁴``, ``p = 128``, on 2 cores).
 
     Once every remaining point coincides with a pick (duplicates), the
     remaining picks are the other points, in no particular order.
@@ -123,14 +123,16 @@ def greedy_coreset(x, n_select, *, projection_dim=128, random_state=None, device
     rng = check_random_state(random_state)
     # centring keeps the cancellation error of |a|² + |b|² - 2 a·b small
     x = x.to(torch.float32)
+    # z is stored transposed, (p, n): torch's CPU matrix-vector product is
+    # 3x faster on a column-major matrix and a contiguous vector (1.0
+    # against 3.5 ms per pick for n = 5 x 10⁴, p = 128)
     if projection_dim is not None and projection_dim < d:
         # (x - mean) P = x P - mean P: no centred copy of the whole store
         projection = random_projection(d, projection_dim, rng, device=x.device)
-        z = torch.addmm(-(x.mean(dim=0) @ projection), x, projection)
+        z = torch.addmm(-(x.mean(dim=0) @ projection)[:, None], projection.T, x.T).T
     else:
-        z = x - x.mean(dim=0)
-    z = z.contiguous()
-    sq = (z * z).sum(dim=1)
+        z = (x - x.mean(dim=0)).T.contiguous().T
+    sq = z.square().sum(dim=1)
     picks = torch.empty(n_select, dtype=torch.long, device=z.device)
     start = int(rng.randint(n))
     picks[0] = start
@@ -148,7 +150,7 @@ def greedy_coreset(x, n_select, *, projection_dim=128, random_state=None, device
             # argmax stays a tensor: no device synchronization per pick on CUDA
             idx = torch.argmax(min_d2)
             picks[i] = idx
-            torch.addmv(sq, z, z[idx], alpha=-2, out=buffer)
+            torch.addmv(sq, z, z[idx].contiguous(), alpha=-2, out=buffer)
             buffer.add_(sq[idx])
             torch.minimum(min_d2, buffer, out=min_d2)
             min_d2[idx] = -math.inf
