@@ -325,21 +325,27 @@ _CELL_BLOCK_ELEMENTS = 2**18
 _CELL_BLOCK_QUERIES = 4096
 
 
-def _least_expanded(a, b, bias, scratch, out, where=None):
-    """Per row of ``a``, the least ``bias - 2 a·b`` over the rows of ``b`` into ``out`` (its row into ``where``)."""
+def _least_expanded(a, b, bias, scratch, out, where=None, groups=None):
+    """Per row of ``a``, the least ``bias - 2 a·b`` over the rows of ``b`` into ``out`` (its row into ``where``).
+
+    ``groups``: ``(groups of a, groups of b)``; a row of ``b`` in the group
+    of a row of ``a`` does not count for it (``inf``).
+    """
     rows = max(1, len(scratch) // len(b))
     for start in range(0, len(a), rows):
         chunk = a[start : start + rows]
         block = scratch[: len(chunk) * len(b)].view(len(chunk), len(b))
         torch.addmm(bias, chunk, b.T, alpha=-2, out=block)
+        if groups is not None:
+            block.masked_fill_(groups[0][start : start + rows, None] == groups[1][None, :], math.inf)
         if where is None:
             torch.amin(block, dim=1, out=out[start : start + rows])
         else:
             torch.min(block, dim=1, out=(out[start : start + rows], where[start : start + rows]))
 
 
-def _cell_upper_bounds(queries, bank, cell_size):
-    """An upper bound of each query's squared distance to its nearest bank row.
+def _cell_upper_bounds(queries, bank, cell_size, query_groups=None, bank_groups=None):
+    """An upper bound of each query's squared distance to its nearest bank row (outside its group).
 
     The bank is split into cells: ``n_bank // cell_size`` rows evenly spaced
     in it are the heads, and every row belongs to the cell of its nearest
@@ -353,8 +359,10 @@ def _cell_upper_bounds(queries, bank, cell_size):
     ``E = (d + 2) u (|a| + |b|)²`` (Higham's bound for the products). The
     distance :func:`nearest_neighbors` returns (the expanded form picks the
     row, the difference gives the distance) is within ``3 E`` of the exact
-    one; the bound adds ``16 E``.
+    one; the bound adds ``16 E``. With groups, the rows of a query's own
+    group are left out (its bound is ``inf`` if its cell has no other).
     """
+    grouped = query_groups is not None and bank_groups is not None
     n_bank, d = bank.shape
     n_heads = max(1, n_bank // cell_size)
     center = bank.mean(dim=0)
@@ -375,20 +383,23 @@ def _cell_upper_bounds(queries, bank, cell_size):
         stop = min(len(queries), start + len(block))
         q = torch.sub(queries[start:stop], center, out=block[: stop - start])
         torch.linalg.vector_norm(q, dim=1, out=queries_sq[start:stop])
-        _least_expanded(q, heads, heads_sq, scratch, upper[start:stop], query_cell[start:stop])
+        groups = (query_groups[start:stop], bank_groups[head_rows]) if grouped else None
+        _least_expanded(q, heads, heads_sq, scratch, upper[start:stop], query_cell[start:stop], groups)
     queries_sq.square_()
     # each cell's rows as one slice; its queries gathered a block at a time
     row_order, query_order = row_cell.argsort(), query_cell.argsort()
     row_ends = torch.bincount(row_cell, minlength=n_heads).cumsum(0).tolist()
     query_ends = torch.bincount(query_cell, minlength=n_heads).cumsum(0).tolist()
     rows, rows_sq = centered[row_order], centered_sq[row_order]
+    rows_groups = bank_groups[row_order] if grouped else None
     least = queries.new_empty(len(block))
     r0 = q0 = 0
     for r1, q1 in zip(row_ends, query_ends):
         for start in range(q0, q1, len(block)):
             index = query_order[start : min(q1, start + len(block))]
             q = torch.index_select(queries, 0, index, out=block[: len(index)]).sub_(center)
-            _least_expanded(q, rows[r0:r1], rows_sq[r0:r1], scratch, least[: len(index)])
+            groups = (query_groups[index], rows_groups[r0:r1]) if grouped else None
+            _least_expanded(q, rows[r0:r1], rows_sq[r0:r1], scratch, least[: len(index)], groups=groups)
             upper[index] = torch.minimum(upper[index], least[: len(index)])
         r0, q0 = r1, q1
     unit_roundoff = torch.finfo(bank.dtype).eps / 2
@@ -396,7 +407,9 @@ def _cell_upper_bounds(queries, bank, cell_size):
     return upper.add_(queries_sq).add_(16 * (d + 2) * unit_roundoff * norms.square())
 
 
-def largest_nearest_distance(queries, bank, *, n_probe=4, cell_size=128, working_memory=None):
+def largest_nearest_distance(
+    queries, bank, *, query_groups=None, bank_groups=None, n_probe=4, cell_size=128, working_memory=None
+):
     """Per set of queries, the largest distance of a query to its nearest bank row.
 
     Equals taking :func:`nearest_neighbors` ``(queries, bank, 1)`` of every
@@ -416,7 +429,11 @@ def largest_nearest_distance(queries, bank, *, n_probe=4, cell_size=128, working
       than a round would search; those are searched.
 
     Exact whatever the order of the bank (the bounds carry the rounding
-    error of the expanded form). On PatchCore's default bank (5,000 items,
+    error of the expanded form). With groups, each set is searched leaving
+    its own group's bank rows out, as :func:`nearest_neighbors` with
+    ``query_groups`` does, except that a query with no row outside its group
+    keeps its distance to the whole bank (PatchCore's leave-one-out
+    calibration). On PatchCore's default bank (5,000 items,
     EfficientNet-Lite0 features of ELPV mono cells, 32 images per call) it
     makes 7 % of the distance computations of a full search.
 
@@ -426,6 +443,9 @@ def largest_nearest_distance(queries, bank, *, n_probe=4, cell_size=128, working
         Query points, grouped in sets (the patches of each image).
     bank : torch.Tensor of shape (n_bank, d)
         Memory bank, on the queries' device.
+    query_groups, bank_groups : torch.LongTensor of shape (n_sets,) and (n_bank,), default=None
+        Leave-one-group-out search: the group of each set and of each bank
+        row (e.g. the training image of each patch).
     n_probe : int, default=4
         Queries per set searched in the whole bank in the first round.
     cell_size : int, default=128
@@ -445,13 +465,17 @@ def largest_nearest_distance(queries, bank, *, n_probe=4, cell_size=128, working
     n_sets, n_queries, d = queries.shape
     flat = queries.reshape(-1, d)
     device = bank.device
-    upper = _cell_upper_bounds(flat, bank, cell_size)
+    groups = {}
+    if query_groups is not None and bank_groups is not None:
+        groups = {"query_groups": query_groups.repeat_interleave(n_queries), "bank_groups": bank_groups}
+    upper = _cell_upper_bounds(flat, bank, cell_size, **groups)
     exact = torch.full((len(flat),), -math.inf, dtype=bank.dtype, device=device)
     nearest = torch.zeros(len(flat), dtype=torch.long, device=device)
     unsearched = torch.ones(len(flat), dtype=torch.bool, device=device)
     lower = torch.full((n_sets,), -math.inf, dtype=bank.dtype, device=device)
     offsets = n_queries * torch.arange(n_sets, device=device)[:, None]
     k = n_probe
+    probe_groups = {}
     while left := int(unsearched.sum()):
         if left <= n_sets * k:
             probe = torch.nonzero(unsearched)[:, 0]
@@ -459,7 +483,14 @@ def largest_nearest_distance(queries, bank, *, n_probe=4, cell_size=128, working
             candidates = torch.where(unsearched, upper, -math.inf).view(n_sets, n_queries)
             top = candidates.topk(min(k, n_queries), dim=1)
             probe = (top.indices + offsets)[(top.values > -math.inf) | torch.isnan(top.values)]
-        dist, idx = nearest_neighbors(flat[probe], bank, 1, working_memory=working_memory)
+        if groups:
+            probe_groups = {"query_groups": groups["query_groups"][probe], "bank_groups": bank_groups}
+        dist, idx = nearest_neighbors(flat[probe], bank, 1, working_memory=working_memory, **probe_groups)
+        if groups:
+            # a query with no row outside its own group: its distance to the whole bank
+            missing = torch.isinf(dist[:, 0])
+            if missing.any():
+                dist[missing], idx[missing] = nearest_neighbors(flat[probe[missing]], bank, 1)
         exact[probe], nearest[probe] = dist[:, 0], idx[:, 0]
         unsearched[probe] = False
         found = torch.full_like(lower, -math.inf).scatter_reduce_(0, probe // n_queries, dist[:, 0], "amax")

@@ -168,6 +168,33 @@ def test_largest_nearest_distance_prunes_exactly(rng, offset, working_memory, mo
     assert sum(searched) < 0.25 * 1200
 
 
+def test_largest_nearest_distance_leaves_groups_out(rng):
+    # each set is a training image whose patches are in the bank: its own
+    # rows are left out, and a set alone in the bank keeps its in-sample distances
+    queries = rng.normal(size=(7, 60, 6)).astype(np.float32)
+    queries[3, 10] += 5
+    bank = torch.from_numpy(queries[:6].reshape(-1, 6))
+    bank_groups = torch.arange(6).repeat_interleave(60)
+    query_groups = torch.tensor([0, 1, 2, 3, 4, 5, 6])
+    largest, query, nearest = largest_nearest_distance(
+        torch.from_numpy(queries), bank, query_groups=query_groups, bank_groups=bank_groups
+    )
+    dist, idx = nearest_neighbors(
+        queries.reshape(-1, 6), bank, 1, query_groups=query_groups.repeat_interleave(60), bank_groups=bank_groups
+    )
+    grid, idx = dist.view(7, 60), idx.view(7, 60)
+    np.testing.assert_array_equal(largest.numpy(), grid.max(dim=1).values.numpy())
+    np.testing.assert_array_equal(query.numpy(), grid.argmax(dim=1).numpy())
+    np.testing.assert_array_equal(nearest.numpy(), idx.numpy()[np.arange(7), query.numpy()])
+    assert query[3] == 10 and (bank_groups[nearest] != query_groups).all()
+    # one image in the bank: its patches have no row outside it
+    alone = torch.zeros(60, dtype=torch.long)
+    largest, _, _ = largest_nearest_distance(
+        torch.from_numpy(queries[:1]), bank[:60], query_groups=torch.tensor([0]), bank_groups=alone
+    )
+    assert largest[0] == 0  # each patch is in the bank: in-sample distance 0
+
+
 def test_largest_nearest_distance_small_bank_and_single_query(rng):
     bank = torch.from_numpy(rng.normal(size=(3, 2)))
     queries = torch.from_numpy(rng.normal(size=(2, 1, 2)))
