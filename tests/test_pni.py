@@ -132,6 +132,18 @@ def test_patch_scores_follow_the_definition(tau):
     np.testing.assert_allclose(-det.score_samples(test), maps.reshape(3, -1).max(1), rtol=1e-6)
 
 
+def test_blocks_of_patches_across_images_change_nothing(monkeypatch):
+    # blocks of 7 patches straddle the images (30 patches each), in the
+    # scoring and in the leave-one-out calibration that masks each image's own elements
+    X, test = embeddings(n=40), embeddings(n=3, seed=1) * 1.5
+    params = dict(map_size=None, sigma=0, **FAST_PARAMS["PNIDetector"])
+    whole = PNIDetector(**params).fit(X)
+    monkeypatch.setattr("skpatch.detectors._pni._PATCH_BLOCK", 7)
+    blocks = PNIDetector(**params).fit(X)
+    assert blocks.offset_ == whole.offset_  # a quantile of the leave-one-out scores
+    np.testing.assert_array_equal(blocks.anomaly_map(test), whole.anomaly_map(test))
+
+
 def test_threshold_one_falls_back_to_the_farthest_element():
     X = embeddings(dtype=np.float64)
     det = PNIDetector(coreset_ratio=0.05, n_dist=10, n_epochs=1, mlp_width=32, tau=0.999,

@@ -17,6 +17,10 @@ from .._memory_bank import greedy_coreset, nearest_neighbors, patch_rows
 from .._torch_utils import as_tensor, resolve_device, single_threaded, to_numpy
 from ._base import BasePatchDetector, locally_aware_embedder
 
+# Patches per block of the CPU search: its (n_emb, block) distances are
+# masked and reduced while they are in the cache.
+_PATCH_BLOCK = 512
+
 
 # ---------------------------------------------------------------------- kernels
 def neighborhood_features(x, size):
@@ -580,14 +584,18 @@ class PNIDetector(BasePatchDetector):
         def build():
             emb = t(self.embedding_coreset_)
             center = emb.mean(dim=0)
-            centred = emb - center
+            # C_emb in the order of its C_dist clusters (see _scores_given)
+            assign = torch.as_tensor(self.dist_assignment_, device=device)
+            order = assign.argsort(stable=True)
+            centred = emb[order] - center
             coefs = [t(c) for c in self.mlp_coefs_]
             return {
                 # centring keeps the cancellation error of |a|² + |b|² - 2 a·b small
                 "center": center,
                 "emb": centred,
                 "emb_sq": (centred * centred).sum(dim=1, keepdim=True),
-                "assign": torch.as_tensor(self.dist_assignment_, device=device),
+                "order": order,
+                "assign": assign[order],
                 "prior": t(self.position_prior_),
                 "conv": neighborhood_conv_weight(coefs[0], len(center), self.neighborhood_size),
                 "coefs": coefs[1:],
@@ -616,38 +624,59 @@ class PNIDetector(BasePatchDetector):
 
         ``excluded`` (b, n_emb) bool marks elements of ``C_emb`` an image may
         not use (leave-one-out calibration).
+
+        A patch's distance is the least over the elements whose ``C_dist``
+        cluster is likely at its position: the least per cluster (the
+        elements are stored cluster by cluster), then over the clusters
+        allowed (an ``inf`` penalty on the others). Masking every element
+        instead cost a third of the scoring (``masked_fill_`` on a CPU runs
+        at 1 ns per element). Patches go a block at a time (``_PATCH_BLOCK``).
         """
         n_images, n_channels = x.shape[:2]
+        n_positions = x.shape[2] * x.shape[3]
         prob = 0.5 * (self._neighborhood_probs(x, state) + prior)  # p(c | Ω) on C_dist
-        # Work on (n_emb, b P) matrices: gathering the rows of C_dist's
-        # verdicts for the elements of C_emb is a copy of whole rows (the
-        # column gather of the (b P, n_emb) layout cost four times more).
-        blocked = (prob <= self.tau_).view(-1, self.n_dist_).T.contiguous()[state["assign"]]
+        blocked = (prob <= self.tau_).view(-1, self.n_dist_)
+        patches = x.permute(0, 2, 3, 1).reshape(-1, n_channels)
+        emb, emb_sq, assign = state["emb"], state["emb_sq"], state["assign"]
         if excluded is not None:
-            blocked.view(len(blocked), n_images, -1).logical_or_(excluded.T.unsqueeze(2))
-        queries = (x.flatten(2).transpose(1, 2) - state["center"]).reshape(-1, n_channels)
-        emb, emb_sq = state["emb"], state["emb_sq"]
-        # |c|² - 2 Φ·c ranks the elements for a patch as the distance does;
-        # columns: the min over a column is vectorized, argmin is not
-        partial = torch.addmm(emb_sq, emb, queries.T, alpha=-2).masked_fill_(blocked, math.inf)
-        queries_sq = (queries * queries).sum(dim=1)
-        nearest_sq = partial.amin(dim=0)
-        # Official code: the farthest element of C_emb is always admitted.
-        none = torch.isinf(nearest_sq)
-        if none.any():
-            farthest = torch.addmm(emb_sq, emb, queries[none].T, alpha=-2)
+            excluded = excluded[:, state["order"]]
+            excluded_rows = [torch.nonzero(row)[:, 0] for row in excluded]
+        nearest_sq = x.new_empty(len(patches))
+        distances = x.new_empty(len(patches))
+        step = min(_PATCH_BLOCK if x.device.type == "cpu" else len(patches), len(patches))
+        scratch = x.new_empty(len(emb) * step)
+        per_cluster = x.new_empty(self.n_dist_ * step)
+        for start in range(0, len(patches), step):
+            stop = min(start + step, len(patches))
+            queries = patches[start:stop] - state["center"]
+            # |c|² - 2 Φ·c ranks the elements for a patch as the distance does
+            partial = scratch[: len(emb) * (stop - start)].view(len(emb), stop - start)
+            torch.addmm(emb_sq, emb, queries.T, alpha=-2, out=partial)
             if excluded is not None:
-                images = torch.arange(n_images, device=x.device).repeat_interleave(x.shape[2] * x.shape[3])
-                farthest.masked_fill_(excluded.T[:, images[none]], -math.inf)
-            nearest_sq[none] = farthest.amax(dim=0)
-        nearest_sq += queries_sq
-        # A patch close to its element (a training patch in C_emb) loses its
-        # digits to cancellation: its distance is recomputed directly.
-        close = (nearest_sq <= 1e-2 * queries_sq) & ~none
-        distances = nearest_sq.clamp_(min=0).sqrt_()
-        if close.any():
-            element = partial[:, close].argmin(dim=0)
-            distances[close] = torch.linalg.vector_norm(queries[close] - emb[element], dim=1)
+                for image in range(start // n_positions, (stop - 1) // n_positions + 1):
+                    first, last = max(start, image * n_positions), min(stop, (image + 1) * n_positions)
+                    partial[:, first - start : last - start].index_fill_(0, excluded_rows[image], math.inf)
+            penalty = torch.where(blocked[start:stop].T, math.inf, 0.0)
+            cluster_least = per_cluster[: self.n_dist_ * (stop - start)].view(self.n_dist_, stop - start)
+            cluster_least.fill_(math.inf).scatter_reduce_(0, assign[:, None].expand_as(partial), partial, "amin")
+            least = torch.amin(cluster_least.add_(penalty), dim=0, out=nearest_sq[start:stop])
+            queries_sq = (queries * queries).sum(dim=1)
+            # Official code: the farthest element of C_emb is always admitted.
+            none = torch.isinf(least)
+            if none.any():
+                farthest = torch.addmm(emb_sq, emb, queries[none].T, alpha=-2)
+                if excluded is not None:
+                    images = torch.arange(start, stop, device=x.device)[none] // n_positions
+                    farthest.masked_fill_(excluded.T[:, images], -math.inf)
+                least[none] = farthest.amax(dim=0)
+            least += queries_sq
+            torch.sqrt(least.clamp(min=0), out=distances[start:stop])
+            # A patch close to its element (a training patch in C_emb) loses its
+            # digits to cancellation: its distance is recomputed directly.
+            close = (least <= 1e-2 * queries_sq) & ~none
+            if close.any():
+                element = (partial[:, close] + penalty[:, close][assign]).argmin(dim=0)
+                distances[start:stop][close] = torch.linalg.vector_norm(queries[close] - emb[element], dim=1)
         scores = self.lam * distances - math.log(self.lam)
         return scores.view(n_images, *self.grid_shape_)
 
