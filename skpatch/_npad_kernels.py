@@ -163,7 +163,7 @@ def aggregate(x, size):
     return total.div_(counts.view(h, w, 1, 1).to(x.dtype))
 
 
-def neighbour_min_mahalanobis(x, mean, prec_chol, size, block_bytes=2**26):
+def neighbour_min_mahalanobis(x, mean, prec_chol, size, block_bytes=None):
     """``D1`` of N-pad eq. (8)-(9): ``(b, h, w)``.
 
     The Mahalanobis distance of the embedding at every position to each of
@@ -178,7 +178,10 @@ def neighbour_min_mahalanobis(x, mean, prec_chol, size, block_bytes=2**26):
     product per offset, of ``b`` rows, ran at a third of the speed), in
     blocks of positions whose whitened rows take ``block_bytes``; each
     offset's distances are then shifted back onto the features, and those
-    of features outside the grid dropped.
+    of features outside the grid dropped. The default block is 4 MiB on a
+    CPU, which keeps the whitened rows in the cache until their norms are
+    taken (64 MiB blocks: 17 against 10 ms per image of 64, ELPV, 2
+    threads), and 64 MiB on a GPU.
     """
     h, w, b, d = x.shape
     offsets = window_offsets(size)
@@ -193,6 +196,8 @@ def neighbour_min_mahalanobis(x, mean, prec_chol, size, block_bytes=2**26):
     features = x.view(n_positions, b, d)
     shift = (mean.unsqueeze(1) @ prec_chol).neg_()  # (P, 1, d): -μU, once per call
     dist = torch.empty((n_positions, k, b), dtype=x.dtype, device=x.device)
+    if block_bytes is None:
+        block_bytes = 2**22 if x.device.type == "cpu" else 2**26
     step = max(1, block_bytes // (2 * k * b * d * x.element_size()))
     for start in range(0, n_positions, step):
         stop = min(n_positions, start + step)

@@ -335,3 +335,18 @@ def test_make_npad_pipeline_defaults():
     assert (detector.p, detector.q, detector.gamma, detector.kmeans_ratio) == (3, 2, 0.25, 0.1)
     assert detector.n_features == 100
     assert make_npad_pipeline(max_shift=0).steps[-1][0] == "npaddetector"
+
+
+def test_neighbour_distances_do_not_depend_on_the_block_size():
+    import torch
+
+    from skpatch._npad_kernels import neighbour_min_mahalanobis
+
+    rng = np.random.RandomState(0)
+    h, w, b, d = 5, 6, 3, 4
+    x = torch.from_numpy(rng.normal(size=(h, w, b, d)))
+    mean = torch.from_numpy(rng.normal(size=(h * w, d)))
+    prec_chol = torch.from_numpy(np.triu(rng.normal(size=(h * w, d, d))) + 3 * np.eye(d))
+    whole = neighbour_min_mahalanobis(x, mean, prec_chol, 3)
+    for block_bytes in [1, 2 * 9 * b * d * 8 * 7]:  # one position, then 7, per block
+        np.testing.assert_array_equal(neighbour_min_mahalanobis(x, mean, prec_chol, 3, block_bytes), whole)
