@@ -108,7 +108,7 @@ def greedy_coreset(x, n_select, *, projection_dim=128, random_state=None, device
     ``x`` (which is not copied when it is a float32 array or tensor on
     ``device``, and a projection is used). On the
     CPU each pick reads the ``n x p`` projected points once (memory bound:
-    about 1.1 ms for ``n = 5 x 10⁴``, ``p = 128``, on 2 cores).
+    about 1 ms for ``n = 5 x 10⁴``, ``p = 128``, on 2 cores).
 
     Once every remaining point coincides with a pick (duplicates), the
     remaining picks are the other points, in no particular order.
@@ -353,9 +353,10 @@ def _cell_upper_bounds(queries, bank, cell_size, query_groups=None, bank_groups=
     would make a few cells of most of the bank). A query is compared with
     every head and with the rows of its nearest head's cell (an inverted
     file of one probe), which finds its nearest row, or one nearly as near,
-    for a few hundred distances instead of ``n_bank``. The distances are taken in the expanded form on data
-    centred by the bank's mean, the queries a block at a time (copies that
-    stay in the cache). Their rounding error is at most
+    for a few hundred distances instead of ``n_bank``. The distances are
+    taken in the expanded form on data centred by the bank's mean, the
+    queries a block at a time (copies that stay in the cache). Their
+    rounding error is at most
     ``E = (d + 2) u (|a| + |b|)²`` (Higham's bound for the products). The
     distance :func:`nearest_neighbors` returns (the expanded form picks the
     row, the difference gives the distance) is within ``3 E`` of the exact

@@ -318,8 +318,11 @@ class PNIDetector(BasePatchDetector):
     histogram counts every training patch's nearest ``C_dist`` element,
     known only after the coreset: two passes), so it holds ``N C h w``
     floats and has no ``partial_fit``. Scoring: per image,
-    the MLP over ``h w`` neighbourhoods and the ``h w x |C_emb|`` distance
-    matrix, in chunks of images sized by ``working_memory``. The fitted
+    the MLP over ``h w`` neighbourhoods and the ``h w x |C_emb|`` distances,
+    in chunks of images sized by ``working_memory`` and, on the CPU, blocks
+    of 512 patches whose distances stay in the cache: each patch's least
+    distance per ``C_dist`` cluster, then over the clusters its position
+    and neighbourhood allow (``C_emb`` is stored cluster by cluster). The fitted
     state is ``C_emb`` (grows with ``N``: 1 % of the patches), the
     ``h w x |C_dist|`` histogram and the MLP's weights (independent of ``N``).
 
