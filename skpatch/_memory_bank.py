@@ -356,11 +356,10 @@ def _cell_upper_bounds(queries, bank, cell_size, query_groups=None, bank_groups=
     for a few hundred distances instead of ``n_bank``. The distances are
     taken in the expanded form on data centred by the bank's mean, the
     queries a block at a time (copies that stay in the cache). Their
-    rounding error is at most
-    ``E = (d + 2) u (|a| + |b|)²`` (Higham's bound for the products). The
-    distance :func:`nearest_neighbors` returns (the expanded form picks the
-    row, the difference gives the distance) is within ``3 E`` of the exact
-    one; the bound adds ``16 E``. With groups, the rows of a query's own
+    rounding error is at most ``E = (d + 2) u (|a| + |b|)²`` (Higham's
+    bound for the products). The distance :func:`nearest_neighbors`
+    returns (the expanded form picks the row, the difference gives the
+    distance) is within ``3 E`` of the exact one; the bound adds ``16 E``. With groups, the rows of a query's own
     group are left out (its bound is ``inf`` if its cell has no other).
     """
     grouped = query_groups is not None and bank_groups is not None
@@ -476,7 +475,6 @@ def largest_nearest_distance(
     lower = torch.full((n_sets,), -math.inf, dtype=bank.dtype, device=device)
     offsets = n_queries * torch.arange(n_sets, device=device)[:, None]
     k = n_probe
-    probe_groups = {}
     while left := int(unsearched.sum()):
         if left <= n_sets * k:
             probe = torch.nonzero(unsearched)[:, 0]
@@ -484,8 +482,7 @@ def largest_nearest_distance(
             candidates = torch.where(unsearched, upper, -math.inf).view(n_sets, n_queries)
             top = candidates.topk(min(k, n_queries), dim=1)
             probe = (top.indices + offsets)[(top.values > -math.inf) | torch.isnan(top.values)]
-        if groups:
-            probe_groups = {"query_groups": groups["query_groups"][probe], "bank_groups": bank_groups}
+        probe_groups = {"query_groups": groups["query_groups"][probe], "bank_groups": bank_groups} if groups else {}
         dist, idx = nearest_neighbors(flat[probe], bank, 1, working_memory=working_memory, **probe_groups)
         if groups:
             # a query with no row outside its own group: its distance to the whole bank

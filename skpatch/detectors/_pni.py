@@ -644,7 +644,6 @@ class PNIDetector(BasePatchDetector):
         if excluded is not None:
             excluded = excluded[:, state["order"]]
             excluded_rows = [torch.nonzero(row)[:, 0] for row in excluded]
-        nearest_sq = x.new_empty(len(patches))
         distances = x.new_empty(len(patches))
         step = min(_PATCH_BLOCK if x.device.type == "cpu" else len(patches), len(patches))
         scratch = x.new_empty(len(emb) * step)
@@ -662,7 +661,7 @@ class PNIDetector(BasePatchDetector):
             penalty = torch.where(blocked[start:stop].T, math.inf, 0.0)
             cluster_least = per_cluster[: self.n_dist_ * (stop - start)].view(self.n_dist_, stop - start)
             cluster_least.fill_(math.inf).scatter_reduce_(0, assign[:, None].expand_as(partial), partial, "amin")
-            least = torch.amin(cluster_least.add_(penalty), dim=0, out=nearest_sq[start:stop])
+            least = torch.amin(cluster_least.add_(penalty), dim=0)
             queries_sq = (queries * queries).sum(dim=1)
             # Official code: the farthest element of C_emb is always admitted.
             none = torch.isinf(least)
