@@ -350,3 +350,66 @@ def test_neighbour_distances_do_not_depend_on_the_block_size():
     whole = neighbour_min_mahalanobis(x, mean, prec_chol, 3)
     for block_bytes in [1, 2 * 9 * b * d * 8 * 7]:  # one position, then 7, per block
         np.testing.assert_array_equal(neighbour_min_mahalanobis(x, mean, prec_chol, 3, block_bytes), whole)
+
+
+def _window_problem(h=8, w=9, b=4, d=5, seed=0):
+    import torch
+
+    rng = np.random.RandomState(seed)
+    mean = rng.normal(size=(h * w, d))
+    # Features near their own position's mean, a few far from any (the top
+    # of D1), and a fifth drawn at their right neighbour's mean: far from
+    # their own Gaussian, near a neighbour's, so that the largest distances
+    # to the own Gaussian are not the largest D1 and the search goes on.
+    position = np.arange(h * w)[:, None].repeat(b, 1)
+    shifted = (rng.uniform(size=(h * w, b)) < 0.2) & (position % w < w - 1)
+    center = mean[position + shifted]
+    scale = np.where(rng.uniform(size=(h * w, b, 1)) < 0.05, 3.0, 0.5)
+    x = center + scale * rng.normal(size=(h * w, b, d))
+    prec_chol = np.triu(rng.normal(scale=0.3, size=(h * w, d, d))) + np.eye(d)
+    return (torch.from_numpy(x.reshape(h, w, b, d)), torch.from_numpy(mean),
+            torch.from_numpy(prec_chol))
+
+
+@pytest.mark.parametrize("size, k", [(3, 1), (3, 4), (3, 500), (5, 3), (1, 2)])
+def test_top_d1_is_exact_where_it_can_be_in_the_top_k(size, k):
+    from skpatch._npad_kernels import neighbour_min_mahalanobis, neighbour_min_mahalanobis_top
+
+    x, mean, prec_chol = _window_problem()
+    full = neighbour_min_mahalanobis(x, mean, prec_chol, size).numpy()
+    top = neighbour_min_mahalanobis_top(x, mean, prec_chol, size, k).numpy()
+    searched = np.isfinite(top)
+    np.testing.assert_allclose(top[searched], full[searched], rtol=1e-12)
+    b, n_positions = full.shape[0], full[0].size
+    kk = min(k, n_positions)
+    for image in range(b):
+        expected = np.sort(full[image].ravel())[::-1][:kk]
+        np.testing.assert_allclose(np.sort(top[image].ravel())[::-1][:kk], expected, rtol=1e-12)
+        # a position left out is below the k-th largest D1
+        assert (full[image][~searched[image]] < expected[-1]).all()
+    if size > 1 and kk < 10:
+        # the own Gaussian's distance bounds D1: most positions are never searched
+        assert searched.mean() < 0.5
+    # neighbours nearer than the own Gaussian do occur (the search is needed)
+    own = neighbour_min_mahalanobis(x, mean, prec_chol, 1).numpy()
+    assert size == 1 or (full < own).any()
+    # the precision factors gathered one at a time give the same values
+    np.testing.assert_array_equal(
+        neighbour_min_mahalanobis_top(x, mean, prec_chol, size, k, block_bytes=1).numpy(), top
+    )
+
+
+@pytest.mark.parametrize("size", [1, 3, 5])
+def test_aggregate_at_positions_is_aggregate_bit_for_bit(size):
+    import torch
+
+    from skpatch._npad_kernels import aggregate, aggregate_at
+
+    x, _, _ = _window_problem(h=4, w=6, b=3)
+    x = x.float()
+    h, w, b, _ = x.shape
+    positions = torch.arange(h * w).repeat(b)
+    images = torch.arange(b).repeat_interleave(h * w)
+    whole = aggregate(x, size).view(h * w, b, -1)
+    np.testing.assert_array_equal(aggregate_at(x, size, positions, images).numpy(),
+                                  whole[positions, images].numpy())
