@@ -239,15 +239,27 @@ def _inverse_cholesky_(a, block):
     return failed
 
 
-def mahalanobis(x, center, prec_chol, index=None):
+def whitened_centers(center, prec_chol):
+    """``-c U`` per position, ``(P, 1, d)``: the centers' part of ``(x - c) U``.
+
+    A pass over all the ``(P, d, d)`` factors (12 ms for PaDiM's 3,136
+    positions of 100 channels on 2 CPU threads, memory-bound): scorers
+    compute it once per model (:meth:`~skpatch.detectors._base.BasePatchDetector._fitted_shift`),
+    not per call.
+    """
+    return (center.unsqueeze(1) @ prec_chol).neg_()
+
+
+def mahalanobis(x, center, prec_chol, index=None, shift=None):
     """PaDiM eq. (2): distances ``(P, n)`` of ``x (P, n, C)`` to per-position Gaussians.
 
     ``index``: the channels of ``x`` the Gaussians are over (all when None).
     ``(x - c) U`` is computed as ``x U - c U`` inside one ``baddbmm`` per
-    block of positions, which saves a pass over ``x`` (``c U`` is per
-    position, not per image).
+    block of positions, which saves a pass over ``x``; ``shift`` is ``-c U``
+    (:func:`whitened_centers`, computed when None).
     """
-    shift = (center.unsqueeze(1) @ prec_chol).neg_()
+    if shift is None:
+        shift = whitened_centers(center, prec_chol)
     distances = x.new_empty(x.shape[:2], dtype=prec_chol.dtype)
     product = None
     for positions, block in position_blocks(x, index):

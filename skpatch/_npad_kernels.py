@@ -164,7 +164,7 @@ def aggregate(x, size):
     return total.div_(counts.view(h, w, 1, 1).to(x.dtype))
 
 
-def neighbour_min_mahalanobis(x, mean, prec_chol, size, block_bytes=None):
+def neighbour_min_mahalanobis(x, mean, prec_chol, size, block_bytes=None, shift=None):
     """``D1`` of N-pad eq. (8)-(9): ``(b, h, w)``.
 
     The Mahalanobis distance of the embedding at every position to each of
@@ -182,7 +182,8 @@ def neighbour_min_mahalanobis(x, mean, prec_chol, size, block_bytes=None):
     of features outside the grid dropped. The default block is 4 MiB on a
     CPU, which keeps the whitened rows in the cache until their norms are
     taken (64 MiB blocks: 17 against 10 ms per image of 64, ELPV, 2
-    threads), and 64 MiB on a GPU.
+    threads), and 64 MiB on a GPU. ``shift``: ``-μU`` per Gaussian
+    (:func:`skpatch._gaussian.whitened_centers`, computed when None).
     """
     h, w, b, d = x.shape
     offsets = window_offsets(size)
@@ -195,7 +196,8 @@ def neighbour_min_mahalanobis(x, mean, prec_chol, size, block_bytes=None):
         [(rows - dy).clamp(0, h - 1) * w + (cols - dx).clamp(0, w - 1) for dy, dx in offsets], dim=1
     )
     features = x.view(n_positions, b, d)
-    shift = (mean.unsqueeze(1) @ prec_chol).neg_()  # (P, 1, d): -μU, once per call
+    if shift is None:
+        shift = _gaussian.whitened_centers(mean, prec_chol)
     dist = torch.empty((n_positions, k, b), dtype=x.dtype, device=x.device)
     if block_bytes is None:
         block_bytes = 2**22 if x.device.type == "cpu" else 2**26
@@ -217,7 +219,7 @@ def neighbour_min_mahalanobis(x, mean, prec_chol, size, block_bytes=None):
     return best
 
 
-def neighbour_min_mahalanobis_top(x, mean, prec_chol, size, k, block_bytes=None):
+def neighbour_min_mahalanobis_top(x, mean, prec_chol, size, k, block_bytes=None, shift=None):
     """``D1`` (eq. 8-9) where it can be among each image's ``k`` largest, ``-inf`` elsewhere.
 
     What eq. (12)-(14) read of ``D1``: the same ``(b, h, w)`` values as
@@ -242,11 +244,12 @@ def neighbour_min_mahalanobis_top(x, mean, prec_chol, size, k, block_bytes=None)
     n_positions = h * w
     k = min(k, n_positions)
     features = x.view(n_positions, b, d)
-    own = _gaussian.mahalanobis(features, mean, prec_chol).T.contiguous()  # d₀, (b, P)
+    if shift is None:
+        shift = _gaussian.whitened_centers(mean, prec_chol)
+    own = _gaussian.mahalanobis(features, mean, prec_chol, shift=shift).T.contiguous()  # d₀, (b, P)
     others = [offset for offset in window_offsets(size) if offset != (0, 0)]
     if not others:  # a window of one: D1 is d₀
         return own.view(b, h, w)
-    shift = (mean.unsqueeze(1) @ prec_chol).neg_()  # -μU per Gaussian
     offsets = torch.tensor(others, device=x.device)
     if block_bytes is None:
         block_bytes = 2**21 if x.device.type == "cpu" else 2**26

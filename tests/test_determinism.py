@@ -46,6 +46,18 @@ def test_refits_with_the_same_random_state_are_identical(name):
 
 
 @pytest.mark.parametrize("name", detector_names())
+def test_a_refit_on_other_data_scores_as_a_fresh_fit(name):
+    # What scoring keeps between calls (e.g. the Gaussians' -μU) follows a refit.
+    other = RNG.normal(loc=0.5, size=X.shape).astype(np.float32)
+    refitted = make_detector(name, map_size=16).fit(X)
+    refitted.score_samples(X[:4])
+    refitted.fit(other)
+    fresh = make_detector(name, map_size=16).fit(other)
+    np.testing.assert_array_equal(refitted.score_samples(X), fresh.score_samples(X))
+    np.testing.assert_array_equal(refitted.anomaly_map(X[:3]), fresh.anomaly_map(X[:3]))
+
+
+@pytest.mark.parametrize("name", detector_names())
 def test_chunking_by_working_memory_changes_only_rounding(name):
     detector = make_detector(name, map_size=16).fit(X)
     with warnings.catch_warnings(), sklearn.config_context(working_memory=1e-4):

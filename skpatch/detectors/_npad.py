@@ -430,17 +430,23 @@ class NPadDetector(BaseGaussianDetector):
         h, w = self.grid_shape_
         d1 = d2 = None
         if self._uses_weighted:
-            mean = self._fitted_tensor("weighted_mean_", x.device)
-            prec_chol = self._fitted_tensor("weighted_precision_cholesky_", x.device)
+            names = ("weighted_mean_", "weighted_precision_cholesky_")
+            mean, prec_chol = (self._fitted_tensor(name, x.device) for name in names)
+            shift = self._fitted_shift(*names, x.device)
             if top_k is None:
-                d1 = _npad_kernels.neighbour_min_mahalanobis(grid, mean, prec_chol, self.q)
+                d1 = _npad_kernels.neighbour_min_mahalanobis(
+                    grid, mean, prec_chol, self.q, shift=shift
+                )
             else:
-                d1 = _npad_kernels.neighbour_min_mahalanobis_top(grid, mean, prec_chol, self.q, top_k)
+                d1 = _npad_kernels.neighbour_min_mahalanobis_top(
+                    grid, mean, prec_chol, self.q, top_k, shift=shift
+                )
         if self._uses_aggregated and (top_k is None or d1 is None):
+            names = ("aggregated_mean_", "aggregated_precision_cholesky_")
             d2 = _gaussian.mahalanobis(
                 _npad_kernels.aggregate(grid, self.p).view(h * w, len(x), -1),
-                self._fitted_tensor("aggregated_mean_", x.device),
-                self._fitted_tensor("aggregated_precision_cholesky_", x.device),
+                *(self._fitted_tensor(name, x.device) for name in names),
+                shift=self._fitted_shift(*names, x.device),
             ).T.reshape(len(x), h, w)
         return d1, d2, grid
 

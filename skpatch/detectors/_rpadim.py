@@ -291,6 +291,7 @@ class RobustPaDiMDetector(BaseGaussianDetector):
             return self._anomaly_scores(X)
         median = self._fitted_tensor("median_", device)
         prec_chol = self._fitted_tensor("precision_cholesky_", device)
+        shift = _gaussian.whitened_centers(median, prec_chol)  # once for every chunk
         count = count.unsqueeze(1)
         scores = self._empty_scores(X)
         for batch, x in self._iter_chunks(X, device):
@@ -299,7 +300,7 @@ class RobustPaDiMDetector(BaseGaussianDetector):
             def patch_scores(x, kept=kept):
                 sq = _gaussian.mahalanobis(
                     self._positions(x.to(median.dtype)), median, prec_chol,
-                    self._channel_index(x.device),
+                    self._channel_index(x.device), shift,
                 )
                 sq = sq.square()
                 # A covariance left without one of 2 patches is undefined: in-sample there.
