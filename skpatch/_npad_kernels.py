@@ -219,7 +219,15 @@ def neighbour_min_mahalanobis(x, mean, prec_chol, size, block_bytes=None, shift=
     return best
 
 
-def neighbour_min_mahalanobis_top(x, mean, prec_chol, size, k, block_bytes=None, shift=None):
+def _patch_features(x, images, positions, index):
+    """The channels ``index`` (all when None) of the patches ``(images, positions)`` of ``x (b, C, h, w)``."""
+    w = x.shape[3]
+    features = x[images, :, positions // w, positions % w]  # (m, C)
+    return features if index is None else features.index_select(1, index)
+
+
+def neighbour_min_mahalanobis_top(x, mean, prec_chol, size, k, index=None, block_bytes=None,
+                                  shift=None):
     """``D1`` (eq. 8-9) where it can be among each image's ``k`` largest, ``-inf`` elsewhere.
 
     What eq. (12)-(14) read of ``D1``: the same ``(b, h, w)`` values as
@@ -236,17 +244,22 @@ def neighbour_min_mahalanobis_top(x, mean, prec_chol, size, k, block_bytes=None,
     (the first round's 20, and few more), and ``D1`` is 1.2 % below ``d₀``
     on average: the own Gaussian is nearly always the nearest.
 
-    Arguments as :func:`neighbour_min_mahalanobis`; ``block_bytes`` bounds
-    the precision factors gathered at a time (2 MiB on a CPU, which stays
-    in the cache; 64 MiB on a GPU).
+    ``x (b, C, h, w)``: the embeddings as the detector gets them (any
+    strides), ``index`` the ``d`` channels the Gaussians are over (all when
+    None): nothing is copied whole, ``d₀`` gathers the channels a block of
+    positions at a time, the search the few patches it visits. ``mean``,
+    ``prec_chol`` and ``shift`` as :func:`neighbour_min_mahalanobis`;
+    ``block_bytes`` bounds the precision factors gathered at a time (2 MiB
+    on a CPU, which stays in the cache; 64 MiB on a GPU).
     """
-    h, w, b, d = x.shape
+    b, _, h, w = x.shape
     n_positions = h * w
+    d = prec_chol.shape[-1]
     k = min(k, n_positions)
-    features = x.view(n_positions, b, d)
     if shift is None:
         shift = _gaussian.whitened_centers(mean, prec_chol)
-    own = _gaussian.mahalanobis(features, mean, prec_chol, shift=shift).T.contiguous()  # d₀, (b, P)
+    positions = x.flatten(2).transpose(1, 2).transpose(0, 1)  # (P, b, C), a view
+    own = _gaussian.mahalanobis(positions, mean, prec_chol, index, shift).T.contiguous()  # d₀
     others = [offset for offset in window_offsets(size) if offset != (0, 0)]
     if not others:  # a window of one: D1 is d₀
         return own.view(b, h, w)
@@ -261,6 +274,7 @@ def neighbour_min_mahalanobis_top(x, mean, prec_chol, size, k, block_bytes=None,
     pick = searched.scatter(1, first, True)
     while bool(pick.any()):
         image, position = pick.nonzero(as_tuple=True)
+        features = _patch_features(x, image, position, index)  # (m, d)
         # every (picked patch, Gaussian of its window inside the grid) pair
         row = (position // w).unsqueeze(1) + offsets[:, 0]
         col = (position % w).unsqueeze(1) + offsets[:, 1]
@@ -273,9 +287,8 @@ def neighbour_min_mahalanobis_top(x, mean, prec_chol, size, k, block_bytes=None,
             # gathered into a buffer that stays in the cache (one fresh
             # 40 kB matrix per pair cost 4x the products)
             factors = torch.index_select(prec_chol, 0, g, out=buffer[: stop - start])
-            rows = features[position[pair[start:stop]], image[pair[start:stop]]].unsqueeze(1)
-            z = torch.baddbmm(shift[g], rows, factors).squeeze(1)
-            torch.linalg.vector_norm(z, dim=1, out=distance[start:stop])
+            z = torch.baddbmm(shift[g], features[pair[start:stop]].unsqueeze(1), factors)
+            torch.linalg.vector_norm(z.squeeze(1), dim=1, out=distance[start:stop])
         found = own[image, position].scatter_reduce_(0, pair, distance, reduce="amin")
         d1[image, position] = found
         searched |= pick
@@ -285,15 +298,16 @@ def neighbour_min_mahalanobis_top(x, mean, prec_chol, size, k, block_bytes=None,
     return d1.view(b, h, w)
 
 
-def aggregate_at(x, size, positions, images):
+def aggregate_at(x, size, positions, images, index=None):
     """:func:`aggregate` at the flat ``positions`` of the ``images`` only: ``(m, d)``.
 
+    ``x (b, C, h, w)`` and ``index`` as in :func:`neighbour_min_mahalanobis_top`.
     The same sums in the same order (along the columns of the window, then
-    its rows), so the values are bit for bit those of :func:`aggregate`, at
-    the cost of ``p²`` rows per position instead of the whole grid's.
+    its rows), so the values are bit for bit those of :func:`aggregate` on
+    the channels ``index``, at the cost of ``p²`` patches per position
+    instead of the whole grid.
     """
-    h, w, b, d = x.shape
-    features = x.view(h * w, b, d)
+    _, _, h, w = x.shape
     radius = size // 2
     rows, cols = positions // w, positions % w
     total = None
@@ -302,33 +316,34 @@ def aggregate_at(x, size, positions, images):
         for dx in range(-radius, radius + 1):
             row, col = rows + dy, cols + dx
             inside = (row >= 0) & (row < h) & (col >= 0) & (col < w)
-            value = features[row.clamp(0, h - 1) * w + col.clamp(0, w - 1), images]
+            neighbour = row.clamp(0, h - 1) * w + col.clamp(0, w - 1)
+            value = _patch_features(x, images, neighbour, index)
             value = torch.where(inside.unsqueeze(1), value, 0.0)  # the zero padding
             column = value if column is None else column + value
         total = column if total is None else total + column
 
-    def in_grid(index, n):
-        return (index + radius).clamp(max=n - 1) - (index - radius).clamp(min=0) + 1
+    def in_grid(where, n):
+        return (where + radius).clamp(max=n - 1) - (where - radius).clamp(min=0) + 1
 
     counts = in_grid(rows, h) * in_grid(cols, w)
     return total / counts.unsqueeze(1).to(x.dtype)
 
 
-def topk_image_score(d1, x, centroids, k, size):
+def topk_image_score(d1, x, centroids, k, size, index=None):
     """Image scores of N-pad eq. (12)-(14): ``(b,)``.
 
     ``Q_k``: the ``k`` largest entries of ``d1 (b, h, w)`` (eq. 12); ``E_k``:
     the Euclidean distance of the ``size x size`` aggregated feature (eq. 7)
     of each of those positions to its nearest centroid (eq. 13), averaged
-    from the embeddings ``x (h, w, b, d)`` at those positions only; the
-    score is ``Σ_i sort(E_k)[i] · sort(Q_k)[i]``, both sorted ascending
-    (eq. 14).
+    from the embeddings ``x (b, C, h, w)`` (channels ``index``) at those
+    positions only; the score is ``Σ_i sort(E_k)[i] · sort(Q_k)[i]``, both
+    sorted ascending (eq. 14).
     """
-    h, w, b, d = x.shape
+    b, _, h, w = x.shape
     k = min(k, h * w)
     top, where = d1.flatten(1).topk(k, dim=1)
     images = torch.arange(b, device=d1.device).repeat_interleave(k)
-    picked = aggregate_at(x, size, where.reshape(-1), images)  # (b k, d)
+    picked = aggregate_at(x, size, where.reshape(-1), images, index)  # (b k, d)
     euclid = torch.cdist(picked, centroids.to(picked.dtype)).amin(dim=1)
     euclid = euclid.view(b, k).sort(dim=1).values
     return (euclid * top.sort(dim=1).values).sum(dim=1)

@@ -373,11 +373,23 @@ def _window_problem(h=8, w=9, b=4, d=5, seed=0):
 
 @pytest.mark.parametrize("size, k", [(3, 1), (3, 4), (3, 500), (5, 3), (1, 2)])
 def test_top_d1_is_exact_where_it_can_be_in_the_top_k(size, k):
+    import torch
+
     from skpatch._npad_kernels import neighbour_min_mahalanobis, neighbour_min_mahalanobis_top
 
     x, mean, prec_chol = _window_problem()
     full = neighbour_min_mahalanobis(x, mean, prec_chol, size).numpy()
-    top = neighbour_min_mahalanobis_top(x, mean, prec_chol, size, k).numpy()
+    # the scoring's layout, (b, C, h, w), with two channels the Gaussians are not over
+    embeddings = torch.cat([x, torch.ones(x.shape[:3] + (2,), dtype=x.dtype)], dim=3)
+    embeddings = embeddings[..., [5, 0, 1, 6, 2, 3, 4]].permute(2, 3, 0, 1)
+    index = torch.tensor([1, 2, 4, 5, 6])
+
+    def top_d1(**kwargs):
+        return neighbour_min_mahalanobis_top(
+            embeddings, mean, prec_chol, size, k, index=index, **kwargs
+        ).numpy()
+
+    top = top_d1()
     searched = np.isfinite(top)
     np.testing.assert_allclose(top[searched], full[searched], rtol=1e-12)
     b, n_positions = full.shape[0], full[0].size
@@ -394,9 +406,7 @@ def test_top_d1_is_exact_where_it_can_be_in_the_top_k(size, k):
     own = neighbour_min_mahalanobis(x, mean, prec_chol, 1).numpy()
     assert size == 1 or (full < own).any()
     # the precision factors gathered one at a time give the same values
-    np.testing.assert_array_equal(
-        neighbour_min_mahalanobis_top(x, mean, prec_chol, size, k, block_bytes=1).numpy(), top
-    )
+    np.testing.assert_array_equal(top_d1(block_bytes=1), top)
 
 
 @pytest.mark.parametrize("size", [1, 3, 5])
@@ -406,10 +416,13 @@ def test_aggregate_at_positions_is_aggregate_bit_for_bit(size):
     from skpatch._npad_kernels import aggregate, aggregate_at
 
     x, _, _ = _window_problem(h=4, w=6, b=3)
-    x = x.float()
-    h, w, b, _ = x.shape
+    embeddings = x.float().permute(2, 3, 0, 1)  # (b, C, h, w)
+    b, _, h, w = embeddings.shape
+    index = torch.tensor([0, 2, 3])
     positions = torch.arange(h * w).repeat(b)
     images = torch.arange(b).repeat_interleave(h * w)
-    whole = aggregate(x, size).view(h * w, b, -1)
-    np.testing.assert_array_equal(aggregate_at(x, size, positions, images).numpy(),
-                                  whole[positions, images].numpy())
+    whole = aggregate(embeddings[:, index].permute(2, 3, 0, 1).contiguous(), size)
+    whole = whole.view(h * w, b, -1)[positions, images]
+    np.testing.assert_array_equal(
+        aggregate_at(embeddings, size, positions, images, index).numpy(), whole.numpy()
+    )

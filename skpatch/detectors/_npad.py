@@ -416,39 +416,41 @@ class NPadDetector(BaseGaussianDetector):
         n_selected = len(getattr(self, "feature_indices_", range(X.shape[1])))
         return 8 * n_positions * n_selected * X.itemsize
 
-    def _distances(self, x, top_k=None):
-        """``(D1 or None, D2 or None, embeddings)`` of a chunk (eq. 8-10).
-
-        ``embeddings``: the selected channels, ``(h, w, b, d)``. ``top_k``:
-        what eq. (12)-(14) read and no more: ``D1`` only where it can be
-        among the ``top_k`` largest of its image (``-inf`` elsewhere, see
-        :func:`~skpatch._npad_kernels.neighbour_min_mahalanobis_top`), and
-        ``D2`` only when it takes ``D1``'s place.
-        """
+    def _fitted_dtype(self):
         fitted = self.weighted_mean_ if self._uses_weighted else self.aggregated_mean_
-        grid = self._grid(x, torch.float64 if fitted.dtype == np.float64 else torch.float32)
+        return torch.float64 if fitted.dtype == np.float64 else torch.float32
+
+    def _distances(self, x, top_k=None):
+        """``(D1 or None, D2 or None)`` of a chunk ``x (b, C, h, w)`` (eq. 8-10).
+
+        ``top_k``: what eq. (12)-(14) read and no more: ``D1`` only where it
+        can be among the ``top_k`` largest of its image (``-inf`` elsewhere,
+        see :func:`~skpatch._npad_kernels.neighbour_min_mahalanobis_top`),
+        read from ``x`` itself, and ``D2`` only when it takes ``D1``'s place.
+        """
         h, w = self.grid_shape_
         d1 = d2 = None
         if self._uses_weighted:
             names = ("weighted_mean_", "weighted_precision_cholesky_")
             mean, prec_chol = (self._fitted_tensor(name, x.device) for name in names)
             shift = self._fitted_shift(*names, x.device)
-            if top_k is None:
-                d1 = _npad_kernels.neighbour_min_mahalanobis(
-                    grid, mean, prec_chol, self.q, shift=shift
-                )
-            else:
+            if top_k is not None:
                 d1 = _npad_kernels.neighbour_min_mahalanobis_top(
-                    grid, mean, prec_chol, self.q, top_k, shift=shift
+                    x.to(self._fitted_dtype()), mean, prec_chol, self.q, top_k,
+                    index=self._channel_index(x.device), shift=shift,
                 )
-        if self._uses_aggregated and (top_k is None or d1 is None):
+                return d1, None
+        grid = self._grid(x, self._fitted_dtype())
+        if self._uses_weighted:
+            d1 = _npad_kernels.neighbour_min_mahalanobis(grid, mean, prec_chol, self.q, shift=shift)
+        if self._uses_aggregated:
             names = ("aggregated_mean_", "aggregated_precision_cholesky_")
             d2 = _gaussian.mahalanobis(
                 _npad_kernels.aggregate(grid, self.p).view(h * w, len(x), -1),
                 *(self._fitted_tensor(name, x.device) for name in names),
                 shift=self._fitted_shift(*names, x.device),
             ).T.reshape(len(x), h, w)
-        return d1, d2, grid
+        return d1, d2
 
     @staticmethod
     def _combine(d1, d2):
@@ -459,21 +461,25 @@ class NPadDetector(BaseGaussianDetector):
         return (d1 * d2).sqrt()  # eq. (11)
 
     def _patch_scores(self, x):
-        d1, d2, _ = self._distances(x)
-        return self._combine(d1, d2)
+        return self._combine(*self._distances(x))
 
     def _image_scores(self, x, patch_scores=None):
         """Eq. (12)-(14) (``image_score="top-k"``) or the maximum of the map."""
         if self.image_score == "max":
-            grid = self._combine(*self._distances(x)[:2])
+            grid = self._combine(*self._distances(x))
             if x.shape[-2:] == (1, 1):
                 return grid.flatten(1).amax(dim=1)
             maps = postprocess(grid, map_size_tuple(self.map_size), self.sigma)
             return maps.flatten(1).amax(dim=1)
-        d1, d2, grid = self._distances(x, top_k=self.top_k)
-        mahalanobis = d1 if d1 is not None else d2
-        centroids = self._fitted_tensor("centroids_", x.device)
-        return _npad_kernels.topk_image_score(mahalanobis, grid, centroids, self.top_k, self.p)
+        d1, d2 = self._distances(x, top_k=self.top_k)
+        return _npad_kernels.topk_image_score(
+            d1 if d1 is not None else d2,
+            x.to(self._fitted_dtype()),
+            self._fitted_tensor("centroids_", x.device),
+            self.top_k,
+            self.p,
+            index=self._channel_index(x.device),
+        )
 
 
 def make_npad_pipeline(
