@@ -149,7 +149,9 @@ def test_partial_fit_interrupted_half_way_leaves_no_wrong_model(monkeypatch):
     # fails after its first chunk must not leave a model with part of it.
     from sklearn.exceptions import NotFittedError
 
-    X = embeddings(n=60)
+    from skpatch.detectors._padim import _MOMENT_CHUNK
+
+    X = embeddings(n=_MOMENT_CHUNK + 60)
     det = PaDiMDetector(n_features=4, random_state=0, map_size=None).partial_fit(X[:10])
     positions, calls = type(det)._positions, []
 
@@ -161,14 +163,14 @@ def test_partial_fit_interrupted_half_way_leaves_no_wrong_model(monkeypatch):
 
     monkeypatch.setattr(type(det), "_positions", staticmethod(fail_on_second_chunk))
     with pytest.raises(KeyboardInterrupt):
-        det.partial_fit(X[10:])  # 50 images: chunks of 32 and 18
-    assert calls == [32, 18]
+        det.partial_fit(X[10:])  # two chunks
+    assert calls == [_MOMENT_CHUNK, 50]
     monkeypatch.undo()
     with pytest.raises(NotFittedError):
         det.score_samples(X)
     # and streaming can start again
     det.partial_fit(X)
-    assert det.n_samples_seen_ == 60
+    assert det.n_samples_seen_ == len(X)
 
 
 def test_streamed_float32_after_float64_keeps_float64():

@@ -247,11 +247,14 @@ class BasePatchDetector(OutlierMixin, BaseEstimator):
         """Working memory one image needs while scored (override for heavier methods)."""
         return 4 * math.prod(X.shape[1:]) * X.itemsize
 
-    def _iter_chunks(self, X, device):
-        """Yield ``(slice, tensor on device)`` chunks sized by ``sklearn.get_config()['working_memory']``."""
-        # Batched products are efficient from a few dozen images on; larger
-        # chunks only add memory, so the working-memory budget is also capped.
-        chunk = get_chunk_n_rows(row_bytes=self._bytes_per_image(X), max_n_rows=min(len(X), 32))
+    def _iter_chunks(self, X, device, max_rows=32):
+        """Yield ``(slice, tensor on device)`` chunks sized by ``sklearn.get_config()['working_memory']``.
+
+        At most ``max_rows`` images per chunk: scoring's batched products
+        are efficient from a few dozen images on, and larger chunks only add
+        memory. PaDiM's running sums take more (its ``_MOMENT_CHUNK``).
+        """
+        chunk = get_chunk_n_rows(row_bytes=self._bytes_per_image(X), max_n_rows=min(len(X), max_rows))
         for batch in gen_batches(len(X), chunk):
             yield batch, as_tensor(X[batch], device)
 
