@@ -471,10 +471,11 @@ class NPadDetector(BaseGaussianDetector):
                 return grid.flatten(1).amax(dim=1)
             maps = postprocess(grid, map_size_tuple(self.map_size), self.sigma)
             return maps.flatten(1).amax(dim=1)
+        x = x.to(self._fitted_dtype())  # once, for both reads below
         d1, d2 = self._distances(x, top_k=self.top_k)
         return _npad_kernels.topk_image_score(
             d1 if d1 is not None else d2,
-            x.to(self._fitted_dtype()),
+            x,
             self._fitted_tensor("centroids_", x.device),
             self.top_k,
             self.p,
