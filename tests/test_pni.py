@@ -214,6 +214,17 @@ def test_mlp_learns_and_folded_batch_norm_matches():
     state = det._state(torch.device("cpu"), torch.float32)
     probs = det._neighborhood_probs(x, state)
     torch.testing.assert_close(probs.sum(-1), torch.ones(2, 30))
+    # the convolutions compute the folded MLP on every unfolded window
+    standardized = (x - torch.as_tensor(det.feature_mean_).view(1, -1, 1, 1)) / torch.as_tensor(
+        det.feature_scale_
+    ).view(1, -1, 1, 1)
+    hidden = neighborhood_features(standardized, 3).numpy()
+    for i, (coef, intercept) in enumerate(zip(det.mlp_coefs_, det.mlp_intercepts_)):
+        hidden = hidden @ coef + intercept
+        if i < len(det.mlp_coefs_) - 1:
+            hidden = np.maximum(hidden, 0)
+    expected = torch.softmax(torch.as_tensor(hidden), dim=1).view(2, 30, 10)
+    torch.testing.assert_close(probs, expected, rtol=1e-4, atol=1e-6)
 
 
 def test_greedy_order_matches_memory_bank():

@@ -90,15 +90,6 @@ def neighborhood_conv_weight(coef, n_channels, size):
     return weight.view(n_out, size, size, n_channels).permute(0, 3, 1, 2).contiguous()
 
 
-def mlp_forward(x, coefs, intercepts):
-    """Logits of the (batch-norm-folded) MLP: affine layers with ReLU between them."""
-    for i, (coef, intercept) in enumerate(zip(coefs, intercepts)):
-        x = torch.addmm(intercept, x, coef)
-        if i < len(coefs) - 1:
-            x = torch.relu(x)
-    return x
-
-
 class _NeighborhoodMLP(torch.nn.Module):
     """``depth`` hidden layers (Linear, BatchNorm, ReLU, Dropout) and a linear classifier."""
 
@@ -599,9 +590,13 @@ class PNIDetector(BasePatchDetector):
                 "emb_sq": (centred * centred).sum(dim=1, keepdim=True),
                 "order": order,
                 "assign": assign[order],
-                "prior": t(self.position_prior_),
-                "conv": neighborhood_conv_weight(coefs[0], len(center), self.neighborhood_size),
-                "coefs": coefs[1:],
+                "threshold": self._threshold(t(self.position_prior_)),
+                # The MLP as convolutions: the first layer on the window, the
+                # others 1 x 1 (with the bias in the kernel).
+                "weights": [
+                    neighborhood_conv_weight(coefs[0], len(center), self.neighborhood_size),
+                    *(coef.T.contiguous()[:, :, None, None] for coef in coefs[1:]),
+                ],
                 "intercepts": [t(b) for b in self.mlp_intercepts_],
                 "mean": t(self.feature_mean_).view(1, -1, 1, 1),
                 "scale": t(self.feature_scale_).view(1, -1, 1, 1),
@@ -612,18 +607,36 @@ class PNIDetector(BasePatchDetector):
                    self.feature_scale_)
         return self._on_device(("state", dtype), device, sources, build)
 
+    def _threshold(self, prior):
+        """``2 τ - p(c | x)``: ``p(c | Ω) > τ`` exactly where ``p(c | N_p(x))`` exceeds it."""
+        return 2 * self.tau_ - prior
+
     def _neighborhood_probs(self, x, state):
-        """``p(c | N_p(x))`` for every patch of ``x``: ``(b, P, K)``."""
-        standardized = (x - state["mean"]) / state["scale"]
-        intercepts = state["intercepts"]
-        first = F.conv2d(standardized, state["conv"], intercepts[0], padding=self.neighborhood_size // 2)
-        logits = first.permute(0, 2, 3, 1).reshape(-1, first.shape[1])
-        if state["coefs"]:
-            logits = mlp_forward(logits.relu_(), state["coefs"], intercepts[1:])
+        """``p(c | N_p(x))`` for every patch of ``x``: ``(b, P, K)``.
+
+        The layers run as convolutions on the standardized grid in
+        channels-last layout: oneDNN's fastest on a CPU (a third less time
+        than unfolding the windows into rows), and the logits come out
+        patch-major, one row of ``K`` per patch, without a copy.
+        """
+        hidden = x.contiguous(memory_format=torch.channels_last) - state["mean"]
+        hidden /= state["scale"]
+        weights, intercepts = state["weights"], state["intercepts"]
+        padding = self.neighborhood_size // 2
+        for i, (weight, intercept) in enumerate(zip(weights, intercepts)):
+            hidden = F.conv2d(hidden, weight, intercept, padding=padding if i == 0 else 0)
+            if i < len(weights) - 1:
+                hidden.relu_()
+        logits = hidden.permute(0, 2, 3, 1).reshape(-1, self.n_dist_)
         return torch.softmax(logits, dim=1).view(len(x), -1, self.n_dist_)
 
-    def _scores_given(self, x, state, prior, excluded=None):
-        """Patch scores ``(b, h, w)`` of ``x`` with position prior ``prior`` ((P, K) or (b, P, K)).
+    def _scores_given(self, x, state, threshold, excluded=None):
+        """Patch scores ``(b, h, w)`` of ``x`` given ``threshold`` ((P, K) or (b, P, K)).
+
+        ``threshold`` is :meth:`_threshold` of the position prior: cluster
+        ``c`` is allowed for a patch where ``p(c | N_p(x))`` exceeds it,
+        which is ``(p(c | N_p(x)) + p(c | x)) / 2 > τ`` with one comparison
+        per element instead of three passes.
 
         ``excluded`` (b, n_emb) bool marks elements of ``C_emb`` an image may
         not use (leave-one-out calibration).
@@ -631,14 +644,13 @@ class PNIDetector(BasePatchDetector):
         A patch's distance is the least over the elements whose ``C_dist``
         cluster is likely at its position: the least per cluster (the
         elements are stored cluster by cluster), then over the clusters
-        allowed (an ``inf`` penalty on the others). Masking every element
+        allowed (the others filled with ``inf``). Masking every element
         instead cost a third of the scoring (``masked_fill_`` on a CPU runs
         at 1 ns per element). Patches go a block at a time (``_PATCH_BLOCK``).
         """
         n_images, n_channels = x.shape[:2]
         n_positions = x.shape[2] * x.shape[3]
-        prob = 0.5 * (self._neighborhood_probs(x, state) + prior)  # p(c | Ω) on C_dist
-        blocked = (prob <= self.tau_).view(-1, self.n_dist_)
+        blocked = (self._neighborhood_probs(x, state) <= threshold).view(-1, self.n_dist_)
         patches = x.permute(0, 2, 3, 1).reshape(-1, n_channels)
         emb, emb_sq, assign = state["emb"], state["emb_sq"], state["assign"]
         if excluded is not None:
@@ -658,10 +670,10 @@ class PNIDetector(BasePatchDetector):
                 for image in range(start // n_positions, (stop - 1) // n_positions + 1):
                     first, last = max(start, image * n_positions), min(stop, (image + 1) * n_positions)
                     partial[:, first - start : last - start].index_fill_(0, excluded_rows[image], math.inf)
-            penalty = torch.where(blocked[start:stop].T, math.inf, 0.0)
+            blocked_block = blocked[start:stop].T  # (K, block)
             cluster_least = per_cluster[: self.n_dist_ * (stop - start)].view(self.n_dist_, stop - start)
             cluster_least.fill_(math.inf).scatter_reduce_(0, assign[:, None].expand_as(partial), partial, "amin")
-            least = torch.amin(cluster_least.add_(penalty), dim=0)
+            least = torch.amin(cluster_least.masked_fill_(blocked_block, math.inf), dim=0)
             queries_sq = (queries * queries).sum(dim=1)
             # Official code: the farthest element of C_emb is always admitted.
             none = torch.isinf(least)
@@ -677,14 +689,14 @@ class PNIDetector(BasePatchDetector):
             # digits to cancellation: its distance is recomputed directly.
             close = (least <= 1e-2 * queries_sq) & ~none
             if close.any():
-                element = (partial[:, close] + penalty[:, close][assign]).argmin(dim=0)
+                element = partial[:, close].masked_fill_(blocked_block[:, close][assign], math.inf).argmin(dim=0)
                 distances[start:stop][close] = torch.linalg.vector_norm(queries[close] - emb[element], dim=1)
         scores = self.lam * distances - math.log(self.lam)
         return scores.view(n_images, *self.grid_shape_)
 
     def _patch_scores(self, x):
         state = self._state(x.device, x.dtype)
-        return self._scores_given(x, state, state["prior"])
+        return self._scores_given(x, state, state["threshold"])
 
     def _loo_scores(self, X, targets, counts, sources):
         """Training images' scores, each without its own coreset elements and counts."""
@@ -707,10 +719,10 @@ class PNIDetector(BasePatchDetector):
                 total > 0, remaining / total.clamp(min=1e-12), counts / counts.sum(1, keepdim=True)
             )
             excluded = excluded.to(device) if n_emb else excluded
-            prior = prior.to(device, x.dtype)
+            threshold = self._threshold(prior.to(device, x.dtype))
 
-            def patch_scores(x, state=state, prior=prior, excluded=excluded):
-                return self._scores_given(x, state, prior, excluded)
+            def patch_scores(x, state=state, threshold=threshold, excluded=excluded):
+                return self._scores_given(x, state, threshold, excluded)
 
             scores[batch] = to_numpy(self._image_scores(x, patch_scores))
         return scores
