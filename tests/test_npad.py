@@ -313,6 +313,36 @@ def test_image_shift_pipeline_maps_scores_persistence(images, npad_model, tmp_pa
     np.testing.assert_array_equal(joblib.load(path).score_samples(test), scores)
 
 
+def test_small_batches_score_several_shifts_per_call(images, npad_model, monkeypatch):
+    model = npad_model.fit(images)
+    test = images[:3]
+    detector = model.estimator_[-1]
+    seen = []
+    score_samples = detector.score_samples
+
+    def spy(X):
+        seen.append(X)
+        return score_samples(X)
+
+    monkeypatch.setattr(detector, "score_samples", spy)
+    one_per_call = model.set_params(batch_size=1).score_samples(test)
+    assert [len(x) for x in seen] == [1] * 27
+    seen.clear()
+    # 3 images, batch_size 7: two shifts (6 copies) per call, the last alone
+    grouped = model.set_params(batch_size=7)._scores_and_maps(test)
+    assert [len(x) for x in seen] == [6, 6, 6, 6, 3]
+    # the copies keep the embedder's layout (each patch's channels contiguous)
+    assert all(x.strides[1] == x.itemsize for x in seen)
+    np.testing.assert_allclose(grouped[0], one_per_call, rtol=1e-6)
+    model.set_params(batch_size=32)
+    np.testing.assert_allclose(model.score_samples(test), one_per_call, rtol=1e-6)
+    np.testing.assert_allclose(model.anomaly_map(test), grouped[1], rtol=1e-6)
+    monkeypatch.undo()
+    np.testing.assert_allclose(
+        model.set_params(batch_size=1).anomaly_map(test), grouped[1], rtol=1e-6, atol=1e-6
+    )
+
+
 def test_grid_search_tunes_shift_and_detector(images, npad_model):
     labels = np.r_[np.zeros(8, int), np.ones(2, int)]
     images = images.copy()
