@@ -157,13 +157,14 @@ def _synchronize():
         torch.cuda.synchronize()
 
 
-def _forward_seconds(embedder, X, repeats=2):
-    """The embedder alone over ``X``: the best of ``repeats`` passes (the first warms up)."""
+def _forward_seconds(embedder, X, repeats=2, passes=1):
+    """The embedder alone over ``X``: the best of ``repeats`` timings of ``passes`` passes each."""
     best = float("inf")
     for _ in range(repeats):
         start = time.perf_counter()
-        for _ in embedder.iter_tensors(X):
-            pass
+        for _ in range(passes):
+            for _ in embedder.iter_tensors(X):
+                pass
         _synchronize()
         best = min(best, time.perf_counter() - start)
     return best
@@ -242,10 +243,16 @@ def run(detector, dataset, threads, limit, output="numpy"):
     # and score_samples on the same images, alternating, the best of each.
     # (A single pass over the test set against the best of two forward
     # passes read 10-20 % high on a host whose speed drifts by as much.)
+    # A detector that embeds each image several times is paired with as
+    # many passes of the embedder (N-pad: 25 over 8 images), so that both
+    # timings span as long a stretch of the host's drift.
     X_ratio = X_forward[:RATIO_IMAGES.get(detector, FORWARD_IMAGES)]
+    passes = max(1, round(predict_forwards / len(X_test)))
     forward_best = predict_best = float("inf")
     for _ in range(RATIO_REPEATS):
-        forward_best = min(forward_best, _forward_seconds(embedder, X_ratio, repeats=1))
+        forward_best = min(
+            forward_best, _forward_seconds(embedder, X_ratio, repeats=1, passes=passes)
+        )
         counter.n_images = 0
         start = time.perf_counter()
         for s in gen_batches(len(X_ratio), BATCH):
@@ -262,7 +269,7 @@ def run(detector, dataset, threads, limit, output="numpy"):
         "image_auroc": image_auroc(y_test, scores),
         "fit_s": fit,
         "predict_ms": 1000 * predict / len(X_test),
-        "predict_ratio": predict_best / (ratio_forwards * forward_best / len(X_ratio)),
+        "predict_ratio": predict_best / (ratio_forwards * forward_best / (passes * len(X_ratio))),
         "forwards_per_image": predict_forwards / len(X_test),
     }
     if masks is not None:
@@ -387,7 +394,8 @@ is the first fit; the others run after "peak MB" is read); "predict /
 forward" is the cost of ``score_samples`` relative to the backbone's forward
 passes (the floor of the job), per forward pass for a detector that embeds
 each image several times. It is taken on paired passes over the same
-{FORWARD_IMAGES} test images ({RATIO_IMAGES["npad"]} for N-pad with shifting), the embedder
+{FORWARD_IMAGES} test images ({RATIO_IMAGES["npad"]} for N-pad with shifting, whose embedder
+passes are repeated as many times as it embeds each image), the embedder
 alone and ``score_samples`` alternating, the best of {RATIO_REPEATS} each, so that
 both see the same machine; "predict ms/img" is one pass over the whole
 test set.
