@@ -237,7 +237,7 @@ class ImageShiftDetector(MetaEstimatorMixin, OutlierMixin, BaseEstimator):
         for batch in gen_batches(len(X), self.batch_size):
             images = X[batch]
             n_images = len(images)
-            per_call = max(1, self.batch_size // n_images)
+            per_call = min(max(1, self.batch_size // n_images), len(self.shifts_))
             totals = dict.fromkeys(outputs)
             buffer = None
             for first in range(0, len(self.shifts_), per_call):
