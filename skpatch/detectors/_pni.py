@@ -592,7 +592,7 @@ class PNIDetector(BasePatchDetector):
                 "assign": assign[order],
                 "threshold": self._threshold(t(self.position_prior_)),
                 # The MLP as convolutions: the first layer on the window, the
-                # others 1 x 1 (with the bias in the kernel).
+                # others 1 x 1.
                 "weights": [
                     neighborhood_conv_weight(coefs[0], len(center), self.neighborhood_size),
                     *(coef.T.contiguous()[:, :, None, None] for coef in coefs[1:]),
@@ -615,9 +615,9 @@ class PNIDetector(BasePatchDetector):
         """``p(c | N_p(x))`` for every patch of ``x``: ``(b, P, K)``.
 
         The layers run as convolutions on the standardized grid in
-        channels-last layout: oneDNN's fastest on a CPU (a third less time
-        than unfolding the windows into rows), and the logits come out
-        patch-major, one row of ``K`` per patch, without a copy.
+        channels-last layout (on a CPU, 15-20 % less time than the later
+        layers as products of rows after a transposing copy), and the logits
+        come out patch-major, one row of ``K`` per patch, without a copy.
         """
         hidden = x.contiguous(memory_format=torch.channels_last) - state["mean"]
         hidden /= state["scale"]
