@@ -248,13 +248,15 @@ class ImageShiftDetector(MetaEstimatorMixin, OutlierMixin, BaseEstimator):
                         break
                     # copied into one buffer, reused by every group: a fresh
                     # array per group costs its first touches
-                    part = torch.as_tensor(embeddings)
+                    part = embeddings if torch.is_tensor(embeddings) else torch.as_tensor(
+                        np.asarray(embeddings)
+                    )
                     if buffer is None:
                         buffer = _empty_rows(part, per_call * n_images)
                     buffer[i * n_images:(i + 1) * n_images] = part
                 if len(group) > 1:
                     stacked = buffer[: len(group) * n_images]
-                    embeddings = stacked.numpy() if isinstance(embeddings, np.ndarray) else stacked
+                    embeddings = stacked if torch.is_tensor(embeddings) else stacked.numpy()
                 for what in outputs:
                     if what == "maps":
                         values = torch.from_numpy(detector.anomaly_map(embeddings))

@@ -268,6 +268,24 @@ def test_shifted_maps_are_realigned():
     assert not np.allclose(maps[:, 4:-4, 4:-4], 0.5, atol=0.1)
 
 
+def test_grouped_shifts_take_any_array_like_embeddings():
+    # a transformer that returns a list: the grouped copies are stacked into an array
+    images = np.random.RandomState(0).uniform(size=(3, 12, 12)).astype(np.float32)
+    as_list = FunctionTransformer(lambda x: list(np.asarray(x)))
+    model = ImageShiftDetector(make_pipeline(as_list, _ImageAsMap()), max_shift=2).fit(images)
+    model._map_scale = lambda image_shape, map_shape: (1.0, 1.0)
+    detector = model.estimator_[-1]
+    seen = []
+    score_samples = detector.score_samples
+    detector.score_samples = lambda X: seen.append(type(X)) or score_samples(X)
+    one_per_call = model.set_params(batch_size=1)._scores_and_maps(images)
+    grouped = model.set_params(batch_size=32)._scores_and_maps(images)
+    # a NumPy array, not a tensor, for a pipeline that does not output tensors
+    assert seen[-1] is np.ndarray
+    np.testing.assert_allclose(grouped[0], one_per_call[0], rtol=1e-6)
+    np.testing.assert_allclose(grouped[1], one_per_call[1], rtol=1e-6)
+
+
 def test_map_scale_follows_the_embedder():
     pipe = make_npad_pipeline(embedder_params={"weights": None, "image_size": 32,
                                                "crop_size": 24}, map_size=48)
