@@ -244,16 +244,15 @@ class ImageShiftDetector(MetaEstimatorMixin, OutlierMixin, BaseEstimator):
                 group = self.shifts_[first:first + per_call]
                 for i, (dy, dx) in enumerate(group):
                     embeddings, detector = self._embed(shift_images(images, dy, dx))
-                    if len(group) == 1:
-                        break
-                    # copied into one buffer, reused by every group: a fresh
-                    # array per group costs its first touches
-                    part = embeddings if torch.is_tensor(embeddings) else torch.as_tensor(
-                        np.asarray(embeddings)
-                    )
-                    if buffer is None:
-                        buffer = _empty_rows(part, per_call * n_images)
-                    buffer[i * n_images:(i + 1) * n_images] = part
+                    if len(group) > 1:
+                        # copied into one buffer, reused by every group: a
+                        # fresh array per group costs its first touches
+                        part = embeddings if torch.is_tensor(embeddings) else torch.as_tensor(
+                            np.asarray(embeddings)
+                        )
+                        if buffer is None:
+                            buffer = _empty_rows(part, per_call * n_images)
+                        buffer[i * n_images:(i + 1) * n_images] = part
                 if len(group) > 1:
                     stacked = buffer[: len(group) * n_images]
                     embeddings = stacked if torch.is_tensor(embeddings) else stacked.numpy()

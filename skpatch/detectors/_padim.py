@@ -217,7 +217,8 @@ class PaDiMDetector(BaseGaussianDetector):
         mean, prec_chol = self._whitening(moments)
         self.precision_cholesky_ = to_numpy(prec_chol)
         loo = count if self.calibration == "leave-one-out" and count >= 3 else None
-        return self._patch_scorer(mean, prec_chol, loo)
+        shift = self._fitted_shift(*self._scoring_state, device)  # kept for scoring too
+        return self._patch_scorer(mean, prec_chol, loo, shift=shift)
 
     @_fit_context(prefer_skip_nested_validation=True)
     def fit(self, X, y=None):
@@ -315,7 +316,8 @@ class PaDiMDetector(BaseGaussianDetector):
             center = as_tensor(self.mean_, device)
             prec_chol = as_tensor(self.precision_cholesky_, device)
             loo = count if self.calibration == "leave-one-out" and count >= 3 else None
-            scorer = self._patch_scorer(center, prec_chol, loo, selected=True)
+            shift = self._fitted_shift(*self._scoring_state, device)
+            scorer = self._patch_scorer(center, prec_chol, loo, selected=True, shift=shift)
             self._train_scores = self._anomaly_scores(sample, scorer)
         self._set_offset(self._train_scores)
 

@@ -291,7 +291,7 @@ class RobustPaDiMDetector(BaseGaussianDetector):
             return self._anomaly_scores(X)
         median = self._fitted_tensor("median_", device)
         prec_chol = self._fitted_tensor("precision_cholesky_", device)
-        shift = _gaussian.whitened_centers(median, prec_chol)  # once for every chunk
+        shift = self._fitted_shift(*self._scoring_state, device)  # kept for scoring too
         count = count.unsqueeze(1)
         scores = self._empty_scores(X)
         for batch, x in self._iter_chunks(X, device):
