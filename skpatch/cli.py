@@ -91,6 +91,9 @@ class _Detector:
         return factory(backbone, embedder_params=embedder_params, **params)
 
 
+#: Images per batch read, embedded and scored (``--batch-size``'s default).
+_BATCH = 32
+
 #: Detectors by command-line name; one line adds a detector. Those whose
 #: class is not in :mod:`skpatch.detectors` (yet) are not offered.
 _ALL_DETECTORS = {
@@ -231,9 +234,11 @@ examples:
 
 def _add_common(parser):
     parser.add_argument(
-        "--batch-size", type=_positive_int, default=32, metavar="N",
-        help="images embedded (and, when fitting a detector with partial_fit, "
-        "accumulated) per batch; bounds the memory",
+        "--batch-size", type=_positive_int, default=None, metavar="N",
+        help=f"images read and scored (and, when fitting a detector with partial_fit, "
+        f"accumulated) per batch, default {_BATCH}; bounds the memory. When given, also "
+        "the images per forward pass of the network (default: the embedder's 'auto', "
+        "fewer on a CPU)",
     )
     parser.add_argument(
         "--device", default=None, metavar="DEVICE",
@@ -481,7 +486,7 @@ def _build_pipeline(args):
         "image_size": args.image_size,
         "crop_size": args.crop_size,
         "device": device,
-        "batch_size": args.batch_size,
+        "batch_size": args.batch_size or "auto",
     }
     if args.layers is not None:
         embedder_params["layers"] = tuple(s.strip() for s in args.layers.split(",") if s.strip())
@@ -512,14 +517,15 @@ def _embed_all(pipe, transformers, paths, args, streamable, bar):
     for transformer in transformers:
         transformer.fit(None)
     embeddings = None
-    for begin in range(0, len(paths), args.batch_size):
-        batch = paths[begin : begin + args.batch_size]
+    batch_size = args.batch_size or _BATCH
+    for begin in range(0, len(paths), batch_size):
+        batch = paths[begin : begin + batch_size]
         for transformer in transformers:
             batch = transformer.transform(batch)
         if embeddings is None:
             total = batch.nbytes / len(batch) * len(paths)
             if args.stream == "auto" and streamable and total > _STREAM_ABOVE_BYTES:
-                _stream(pipe, paths, args.batch_size, bar)
+                _stream(pipe, paths, batch_size, bar)
                 return None
             embeddings = np.empty((len(paths), *batch.shape[1:]), dtype=batch.dtype)
         embeddings[begin : begin + len(batch)] = batch
@@ -556,7 +562,7 @@ def _fit(args):
             # A meta-estimator on images (N-pad's image shifting) fits itself.
             pipe.fit(paths)
         elif args.stream == "always":
-            _stream(pipe, paths, args.batch_size, bar)
+            _stream(pipe, paths, args.batch_size or _BATCH, bar)
         else:
             embeddings = _embed_all(pipe, transformers, paths, args, streamable, bar)
             if embeddings is not None:
@@ -678,7 +684,8 @@ def _score(args):
         # Every ``device`` parameter, nested ones included (embedder, detector).
         names = [k for k in model.get_params(deep=True) if k.split("__")[-1] == "device"]
         model.set_params(**dict.fromkeys(names, args.device))
-    embedder.set_params(batch_size=args.batch_size)
+    if args.batch_size is not None:
+        embedder.set_params(batch_size=args.batch_size)
     if len(transformers) == 1 and transformers[0] is embedder:
         # Only the detector takes the embeddings: on a GPU they stay there.
         embedder.set_params(output="torch")
@@ -692,8 +699,9 @@ def _score(args):
         writer = csv.writer(csv_file)
         writer.writerow(["path", "score", "label"])
         with _progress(len(items), "score", args.quiet) as bar:
-            for start in range(0, len(items), args.batch_size):
-                batch = items[start:start + args.batch_size]
+            batch_size = args.batch_size or _BATCH
+            for start in range(0, len(items), batch_size):
+                batch = items[start:start + batch_size]
                 X = [str(path) for path, _ in batch]
                 for transformer in transformers:
                     X = transformer.transform(X)

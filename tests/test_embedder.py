@@ -119,6 +119,27 @@ def test_batching_does_not_change_results(images):
     )
 
 
+def test_auto_batch_runs_cpu_passes_of_a_pixel_budget(images, monkeypatch):
+    import skpatch._embedder as embedder_module
+
+    assert PatchEmbedder().batch_size == "auto"
+    fixed = tiny(batch_size=32)
+    assert [len(e) for _, e in fixed.iter_tensors(images)] == [len(images)]
+    # passes of 3 images of 32 x 32 pixels on a CPU, in order, covering all 10
+    monkeypatch.setattr(embedder_module, "_CPU_PASS_PIXELS", 3 * 32 * 32 + 5)
+    passes = list(tiny().iter_tensors(images))
+    assert [(rows.start, rows.stop) for rows, _ in passes] == [(0, 3), (3, 6), (6, 9), (9, 10)]
+    assert [len(e) for _, e in passes] == [3, 3, 3, 1]
+    np.testing.assert_allclose(
+        tiny().transform(images), fixed.transform(images), rtol=1e-4, atol=1e-6
+    )
+    # a pass holds at least one image, whatever its size
+    monkeypatch.setattr(embedder_module, "_CPU_PASS_PIXELS", 10)
+    assert [len(e) for _, e in tiny().iter_tensors(images[:2])] == [1, 1]
+    with pytest.raises(ValueError, match="batch_size"):
+        tiny(batch_size="big").transform(images)
+
+
 def test_random_network_is_reproducible(images):
     from skpatch._embedder import _cached_extractor
 
