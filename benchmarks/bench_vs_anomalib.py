@@ -2,8 +2,14 @@
 
 Both sides read the same arrays (``../shared/bench/data.py``: the ELPV split,
 cells resized 300 -> 224 bilinear, no crop), use the same EfficientNet-Lite0
-ImageNet weights, the same layers and batch size (32), 2 threads, and run in
-fresh processes so that "peak MB" is each run's own peak resident memory:
+ImageNet weights, the same layers, batches of 32 images (anomalib's
+``--batch-size``, skpatch's ``fit_in_batches``; skpatch scores 64 at a
+time), 2 threads, and run in fresh processes so that "peak MB" is each run's
+own peak resident memory. Each side runs its network as it does by default:
+anomalib on the whole batch, skpatch's ``PatchEmbedder(batch_size="auto")``
+in passes of 5 images on a CPU (the user guide's "The network" says why);
+``--anomalib-batch-size 5`` gives anomalib passes of 5 as well.
+
 
 * PaDiM: layers stage1/2/4 (anomalib: blocks.1/2/4), 100 random channels,
   bicubic/bilinear upsample + sigma=4 blur, image score = max.
@@ -50,14 +56,14 @@ def _pipeline(model, memory_bank_params):
 
     if model == "padim":
         return make_pipeline(
-            PatchEmbedder(image_size=None, crop_size=None, batch_size=32),
+            PatchEmbedder(image_size=None, crop_size=None),
             PaDiMDetector(n_features=100, random_state=0),
         )
     from skpatch import make_patchcore_pipeline
 
     return make_patchcore_pipeline(
         "efficientnet_lite0",
-        embedder_params={"image_size": None, "crop_size": None, "batch_size": 32},
+        embedder_params={"image_size": None, "crop_size": None},
         random_state=0,
         **memory_bank_params,
     )
@@ -112,9 +118,10 @@ def run_skpatch(model, dataset, threads, limit, memory_bank_params):
     }
 
 
-def run_anomalib(python, model, dataset, threads, limit, results):
+def run_anomalib(python, model, dataset, threads, limit, results, batch_size):
     command = [python, os.path.join(BENCH, "anomalib_peer.py"), "--model", model,
-               "--dataset", dataset, "--threads", str(threads), "--tag", "vs_skpatch"]
+               "--dataset", dataset, "--threads", str(threads), "--tag", "vs_skpatch",
+               "--batch-size", str(batch_size)]
     if limit:
         command += ["--limit", str(limit), "--train-limit", str(limit)]
     env = dict(os.environ, BENCH_RESULTS=results)
@@ -158,6 +165,8 @@ def main(argv=None):
     parser.add_argument("--anomalib-results", default=None,
                         help="reuse anomalib's JSON results from this folder instead of running it")
     parser.add_argument("--skpatch-only", action="store_true")
+    parser.add_argument("--anomalib-batch-size", type=int, default=32,
+                        help="anomalib's images per batch (and forward pass)")
     args = parser.parse_args(argv)
     results = args.anomalib_results or tempfile.mkdtemp(prefix="anomalib_results_")
 
@@ -172,10 +181,11 @@ def main(argv=None):
                 peer = None
             else:
                 peer = run_anomalib(args.anomalib_python, model, dataset, args.threads,
-                                    args.limit, results)
+                                    args.limit, results, args.anomalib_batch_size)
             rows.append((dataset, model, ours, peer))
 
-    print(f"\nskpatch vs anomalib, EfficientNet-Lite0, {args.threads} threads, batch 32\n")
+    print(f"\nskpatch vs anomalib, EfficientNet-Lite0, {args.threads} threads; anomalib "
+          f"batch {args.anomalib_batch_size}, skpatch batch_size='auto'\n")
     header = ("| data | model | system | train / test | image AUROC | fit s | predict ms/img "
               "| forward ms/img | predict / forward | peak MB | bank |")
     print(header)
