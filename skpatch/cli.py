@@ -235,7 +235,7 @@ examples:
 def _add_common(parser):
     parser.add_argument(
         "--batch-size", type=_positive_int, default=None, metavar="N",
-        help=f"images read and scored (and, when fitting a detector with partial_fit, "
+        help="images read and scored (and, when fitting a detector with partial_fit, "
         f"accumulated) per batch, default {_BATCH}; bounds the memory. When given, also "
         "the images per forward pass of the network (default: the embedder's 'auto', "
         "fewer on a CPU)",

@@ -131,6 +131,7 @@ def test_fit_options_override_the_detector_defaults(folders):
     out = _fit(folders, "--layers", "stage1, stage2", "--pool-size", "1", detector="rpadim")
     embedder = joblib.load(out)[0]
     assert embedder.layers == ("stage1", "stage2") and embedder.pool_size == 1
+    assert embedder.batch_size == "auto"  # no --batch-size: the embedder's own passes
 
 
 def test_score_writes_scores_labels_and_heat_maps(folders):
