@@ -36,7 +36,6 @@ def main():
 
     import _data
     from skpatch import PatchEmbedder
-    from skpatch._embedder import _CPU_PASS_PIXELS
 
     torch.set_num_threads(args.threads)
     X = _data.load("mono")[0][:64]
@@ -59,8 +58,9 @@ def main():
                 for _ in embedder.iter_tensors(X):
                     pass
                 best[size] = min(best[size], 1000 * (time.perf_counter() - start) / len(X))
-        per_pass = 32 if torch.cuda.is_available() else min(32, _CPU_PASS_PIXELS // side**2)
-        auto = f"{best['auto']:.1f} ({max(1, per_pass)})"
+        # images per pass of "auto": the embedder's own choice, as it yields them
+        per_pass = len(next(embedders["auto"].iter_tensors(X))[1])
+        auto = f"{best['auto']:.1f} ({per_pass})"
         other = ", ".join(f"{best[size]:.1f} ({size})" for size in others)
         print(f"{backbone + ', ' + str(side):<26}{best[32]:>12.1f}{auto:>18}  {other}")
 

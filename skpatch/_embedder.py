@@ -52,8 +52,9 @@ _AUTO_BATCH = 32
 # 224 x 224). Activations of more images (EfficientNet-Lite0: 4.8 MB per
 # image at 224) outgrow what the C allocator reuses (32 MB at most in
 # glibc): each is mapped afresh and its pages are faulted in on every pass.
-# EfficientNet-Lite0 at 224 on 2 cores: 13.0 ms per image in passes of 32,
-# 6.7-6.9 in passes of 4-6; Wide-ResNet-50-2: 177 against 109 (8 images).
+# EfficientNet-Lite0 at 224 on 2 cores: 15.9 ms per image in passes of 32,
+# 9.0 in passes of 5; Wide-ResNet-50-2: 178 against 126
+# (benchmarks/bench_embedder.py, table in the user guide).
 _CPU_PASS_PIXELS = 2**18
 
 

@@ -94,6 +94,11 @@ class _Detector:
 #: Images per batch read, embedded and scored (``--batch-size``'s default).
 _BATCH = 32
 
+
+def _batch_size(args):
+    """Images per batch read and scored; ``--batch-size`` also sets the forward pass when given."""
+    return args.batch_size or _BATCH
+
 #: Detectors by command-line name; one line adds a detector. Those whose
 #: class is not in :mod:`skpatch.detectors` (yet) are not offered.
 _ALL_DETECTORS = {
@@ -517,7 +522,7 @@ def _embed_all(pipe, transformers, paths, args, streamable, bar):
     for transformer in transformers:
         transformer.fit(None)
     embeddings = None
-    batch_size = args.batch_size or _BATCH
+    batch_size = _batch_size(args)
     for begin in range(0, len(paths), batch_size):
         batch = paths[begin : begin + batch_size]
         for transformer in transformers:
@@ -562,7 +567,7 @@ def _fit(args):
             # A meta-estimator on images (N-pad's image shifting) fits itself.
             pipe.fit(paths)
         elif args.stream == "always":
-            _stream(pipe, paths, args.batch_size or _BATCH, bar)
+            _stream(pipe, paths, _batch_size(args), bar)
         else:
             embeddings = _embed_all(pipe, transformers, paths, args, streamable, bar)
             if embeddings is not None:
@@ -699,7 +704,7 @@ def _score(args):
         writer = csv.writer(csv_file)
         writer.writerow(["path", "score", "label"])
         with _progress(len(items), "score", args.quiet) as bar:
-            batch_size = args.batch_size or _BATCH
+            batch_size = _batch_size(args)
             for start in range(0, len(items), batch_size):
                 batch = items[start:start + batch_size]
                 X = [str(path) for path, _ in batch]
