@@ -88,7 +88,13 @@ def _check_values(array):
 
 def _tensor(array):
     """Zero-copy tensor of an array, copying only read-only or strided input."""
-    if not array.flags.writeable or not array.flags.c_contiguous:
+    # NumPy calls a single image of X[::-1] C-contiguous, but its negative
+    # stride is refused by torch
+    if (
+        not array.flags.writeable
+        or not array.flags.c_contiguous
+        or any(stride < 0 for stride in array.strides)
+    ):
         array = np.array(array, order="C")
     return torch.from_numpy(array)
 
