@@ -5,6 +5,8 @@ from sklearn.base import clone
 from sklearn.pipeline import Pipeline
 from sklearn.utils import gen_batches
 
+from ._embedder import PatchEmbedder
+
 
 def _split(estimator):
     """``(transform steps, detector)`` of a Pipeline, or ``([], estimator)``."""
@@ -65,7 +67,10 @@ def fit_in_batches(estimator, X, *, batch_size=64):
     Slices ``X`` into batches and streams them through the pipeline's
     transform steps into the detector's ``partial_fit``: only one batch of
     images and embeddings is in memory at a time, and the detector's
-    statistics do not grow with the number of images. ``X`` can be a list
+    statistics do not grow with the number of images. From a
+    :class:`~skpatch.PatchEmbedder` into a skpatch detector, every batch is
+    embedded into the memory of the first (the detectors copy what they
+    keep), which saves the first touches of a fresh array per batch. ``X`` can be a list
     of file paths (decoded batch by batch) or a memory-mapped array.
 
     Parameters
@@ -112,11 +117,23 @@ def fit_in_batches(estimator, X, *, batch_size=64):
     fresh = clone(detector)
     detector.__dict__.clear()
     detector.__dict__.update(fresh.__dict__)
+    # An embedder straight into a detector that copies what it keeps: every
+    # batch is embedded into the memory of the one before. A fresh array per
+    # batch is page-faulted in anew, 0.4-1.9 ms per image on a CPU (PaDiM's
+    # streamed fit on ELPV: 3.47 -> 3.01 s, for 2.24 s of forward passes).
+    embedder = transformers[0] if len(transformers) == 1 else None
+    reuse = isinstance(embedder, PatchEmbedder) and getattr(
+        detector, "_partial_fit_copies_input", False
+    )
+    previous = None
     n_samples = len(X)
     for batch in gen_batches(n_samples, batch_size):
         Xt = X[batch] if not isinstance(X, (list, tuple)) else list(X[batch])
-        for transformer in transformers:
-            Xt = transformer.transform(Xt)
+        if reuse:
+            Xt = previous = embedder._transform(Xt, out=previous)
+        else:
+            for transformer in transformers:
+                Xt = transformer.transform(Xt)
         detector.partial_fit(np.asarray(Xt) if isinstance(Xt, list) else Xt)
     # The stream has ended: finish the model now (partial_fit defers the
     # threshold, and PatchCore its coreset, to first use), so that the fit

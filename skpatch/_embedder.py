@@ -470,17 +470,23 @@ class PatchEmbedder(TransformerMixin, BaseEstimator):
             is made (it cost a tenth of the backbone's time on a CPU).
             ``np.ascontiguousarray`` gives a C-ordered copy.
         """
+        return self._transform(X)
+
+    def _transform(self, X, out=None):
+        """:meth:`transform`, written into ``out`` when it fits.
+
+        ``out``: an earlier output of this embedder, whose memory is reused
+        (:func:`skpatch.fit_in_batches` passes it for detectors that copy
+        what they keep). A fresh 64-image output is 141 MB with the
+        defaults, beyond what malloc recycles: its first touches cost
+        0.4-1.9 ms per image on a CPU, a tenth to a third of
+        EfficientNet-Lite0's forward pass.
+        """
+        reuse = None if out is None else torch.as_tensor(out)
         out = None
         for batch, features in self._iter_aligned(X):
             if out is None:
-                n_channels = sum(f.shape[1] for f in features)
-                height, width = features[0].shape[-2:]
-                nhwc = (len(X), height, width, n_channels)
-                if self.output == "torch":
-                    out = torch.empty(nhwc, dtype=torch.float32, device=features[0].device)
-                else:
-                    out = torch.from_numpy(np.empty(nhwc, dtype=np.float32))
-                out = out.permute(0, 3, 1, 2)
+                out = self._output_for(features, len(X), reuse)
             if out.device == features[0].device:
                 # Straight into the output: a concatenation into a fresh
                 # tensor and a copy cost 0.8 ms per image on a CPU, mostly
@@ -489,6 +495,29 @@ class PatchEmbedder(TransformerMixin, BaseEstimator):
             else:  # a GPU's embeddings, returned as NumPy
                 out[batch].copy_(torch.cat(features, dim=1))
         return out if self.output == "torch" else out.numpy()
+
+    def _output_for(self, features, n_images, reuse=None):
+        """The channels-last ``(n, C, h, w)`` output of ``n_images`` like ``features``.
+
+        ``reuse[:n_images]`` when its shape, type and device fit, else new.
+        """
+        n_channels = sum(f.shape[1] for f in features)
+        shape = (n_images, n_channels, *features[0].shape[-2:])
+        device = features[0].device if self.output == "torch" else torch.device("cpu")
+        if (
+            reuse is not None
+            and len(reuse) >= n_images
+            and reuse.shape[1:] == shape[1:]
+            and reuse.dtype == torch.float32
+            and reuse.device == device
+        ):
+            return reuse[:n_images]
+        nhwc = (n_images, *shape[2:], n_channels)
+        if self.output == "torch":
+            out = torch.empty(nhwc, dtype=torch.float32, device=device)
+        else:
+            out = torch.from_numpy(np.empty(nhwc, dtype=np.float32))
+        return out.permute(0, 3, 1, 2)
 
     def __sklearn_tags__(self):
         tags = super().__sklearn_tags__()

@@ -104,6 +104,14 @@ def test_input_forms_agree(images, tmp_path):
     np.testing.assert_allclose(tiny().transform(rgb), expected, atol=1e-5)
     np.testing.assert_allclose(tiny().transform(images[:3] / 255.0), expected, atol=1e-5)
     np.testing.assert_allclose(tiny().transform(list(images[:3])), expected, atol=1e-5)
+    # views with negative strides (torch refuses them; they are copied)
+    np.testing.assert_allclose(
+        tiny(batch_size=1).transform(images[2::-1])[::-1], expected, atol=1e-5
+    )
+    flipped = images[:3, ::-1, ::-1]
+    np.testing.assert_array_equal(
+        tiny().transform(flipped), tiny().transform(np.ascontiguousarray(flipped))
+    )
     pil = [Image.fromarray(im) for im in images[:3]]
     np.testing.assert_allclose(tiny().transform(pil), expected, atol=1e-5)
     paths = []
@@ -117,6 +125,22 @@ def test_batching_does_not_change_results(images):
     np.testing.assert_allclose(
         tiny(batch_size=3).transform(images), tiny(batch_size=10).transform(images), atol=1e-5
     )
+
+
+@pytest.mark.parametrize("output", ["numpy", "torch"])
+def test_transform_into_an_earlier_output(images, output):
+    embedder = tiny(output=output, batch_size=1)  # the same passes: equal floats
+    expected = embedder.transform(images)
+    buffer = embedder.transform(images[::-1])
+    out = embedder._transform(images[:7], out=buffer)  # the first 7 of its 10
+    assert type(out) is type(expected)
+    assert np.shares_memory(np.asarray(out), np.asarray(buffer)) and out.shape[0] == 7
+    np.testing.assert_array_equal(np.asarray(out), np.asarray(expected)[:7])
+    # too small, or of another grid: a new array
+    for small in (buffer[:3], tiny(image_size=64).transform(images)):
+        out = embedder._transform(images, out=small)
+        assert not np.shares_memory(np.asarray(out), np.asarray(small))
+        np.testing.assert_array_equal(np.asarray(out), np.asarray(expected))
 
 
 def test_auto_batch_runs_cpu_passes_of_a_pixel_budget(images, monkeypatch):

@@ -242,6 +242,42 @@ def test_pipeline_on_images_with_maps_persistence_and_streaming(images, tmp_path
     assert_same_embeddings(streamed.score_samples(images), scores, rtol=1e-4)
 
 
+@pytest.mark.parametrize("name", ["PaDiMDetector", "PatchCoreDetector"])
+def test_fit_in_batches_embeds_every_batch_into_one_array(images, name, monkeypatch):
+    import skpatch
+
+    def pipe():
+        detector = getattr(skpatch, name)(random_state=0)
+        if name == "PaDiMDetector":
+            detector.set_params(n_features=4)
+        return make_pipeline(PatchEmbedder(weights=None, image_size=32, crop_size=None), detector)
+
+    seen = []  # (input, its content when given)
+    original = getattr(skpatch, name).partial_fit
+
+    def spy(self, X, y=None):
+        seen.append((X, X.copy()))
+        return original(self, X, y)
+
+    monkeypatch.setattr(getattr(skpatch, name), "partial_fit", spy)
+    reused = fit_in_batches(pipe(), images, batch_size=4)
+    # batches of 4, 4 and 2 images, all in the first batch's memory
+    assert [len(x) for x, _ in seen] == [4, 4, 2]
+    assert all(np.shares_memory(x, seen[0][0]) for x, _ in seen)
+    embeddings = PatchEmbedder(weights=None, image_size=32, crop_size=None).transform(images)
+    np.testing.assert_array_equal(np.concatenate([copy for _, copy in seen]), embeddings)
+
+    # a detector that may keep a view of its input gets new arrays, and the
+    # same model
+    seen.clear()
+    monkeypatch.setattr(getattr(skpatch, name), "_partial_fit_copies_input", False)
+    fresh = fit_in_batches(pipe(), images, batch_size=4)
+    assert not any(np.shares_memory(x, seen[0][0]) for x, _ in seen[1:])
+    np.testing.assert_array_equal(np.concatenate([x for x, _ in seen]), embeddings)
+    np.testing.assert_array_equal(reused.score_samples(images), fresh.score_samples(images))
+    assert reused[-1].offset_ == fresh[-1].offset_
+
+
 def test_fit_in_batches_and_anomaly_map_reject_wrong_estimators(images):
     from sklearn.covariance import EllipticEnvelope
 
