@@ -67,11 +67,11 @@ def fit_in_batches(estimator, X, *, batch_size=64):
     Slices ``X`` into batches and streams them through the pipeline's
     transform steps into the detector's ``partial_fit``: only one batch of
     images and embeddings is in memory at a time, and the detector's
-    statistics do not grow with the number of images. From a
+    statistics do not grow with the number of images. ``X`` can be a list
+    of file paths (decoded batch by batch) or a memory-mapped array. From a
     :class:`~skpatch.PatchEmbedder` into a skpatch detector, every batch is
     embedded into the memory of the first (the detectors copy what they
-    keep), which saves the first touches of a fresh array per batch. ``X`` can be a list
-    of file paths (decoded batch by batch) or a memory-mapped array.
+    keep), which saves the first touches of a fresh array per batch.
 
     Parameters
     ----------
