@@ -478,9 +478,8 @@ class PatchEmbedder(TransformerMixin, BaseEstimator):
         ``out``: an earlier output of this embedder, whose memory is reused
         (:func:`skpatch.fit_in_batches` passes it for detectors that copy
         what they keep). A fresh 64-image output is 141 MB with the
-        defaults, beyond what malloc recycles: its first touches cost
-        0.4-1.9 ms per image on a CPU, a tenth to a third of
-        EfficientNet-Lite0's forward pass.
+        defaults, beyond what malloc recycles: its pages are faulted in
+        anew on every call.
         """
         reuse = None if out is None else torch.as_tensor(out)
         out = None
