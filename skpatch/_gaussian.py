@@ -166,6 +166,13 @@ def regularized_covariance(scatter, count, epsilon):
 # 0.23-0.25 s against 0.33-0.37 once those products went to fresh tensors.
 _LAPACK_BLOCK = 25
 
+# Bytes of matrices factored at a time in precision_cholesky on a CPU. The
+# whole batch at once spills the cache at every step of the recursion and
+# faults in fresh temporaries of up to a quarter of it: 3136 matrices of
+# 100 x 100, 0.25-0.31 -> 0.18-0.23 s; 1024 of 550 x 550, 5.5-6.6 -> 3.8-4.9 s
+# (2 cores, alternating runs).
+_FACTOR_CHUNK_BYTES = 8 * 2**20
+
 
 def precision_cholesky(covariance, overwrite=False):
     """Upper-triangular ``U`` with ``Σ⁻¹ = U Uᵀ`` for every position (batched).
@@ -179,7 +186,7 @@ def precision_cholesky(covariance, overwrite=False):
     and ``L⁻¹ = [[L₁₁⁻¹, 0], [-L₂₂⁻¹ L₂₁ L₁₁⁻¹, L₂₂⁻¹]]``. Each block of
     ``L⁻¹`` is written over the block of ``Σ`` it comes from; the
     temporaries are ``L₂₁`` and one product at a time (a quarter of ``Σ``
-    each).
+    each). On a CPU the matrices go 8 MB at a time (``_FACTOR_CHUNK_BYTES``).
 
     Parameters
     ----------
@@ -204,7 +211,15 @@ def precision_cholesky(covariance, overwrite=False):
     # L⁻¹ written through the transposed view leaves U = L⁻ᵀ in row-major
     # order (contiguous, as scoring reads it); Σ is symmetric, so the view
     # reads the same matrices, in the column-major order LAPACK works in.
-    failed = _inverse_cholesky_(factor.mT, block)
+    # On a CPU, a few matrices at a time: they stay in cache through the
+    # whole recursion, and its products' temporaries stay small enough for
+    # malloc to recycle them.
+    step = len(factor)
+    if covariance.device.type == "cpu":
+        step = max(1, _FACTOR_CHUNK_BYTES // (factor[0].numel() * factor.element_size()))
+    failed = torch.zeros(len(factor), dtype=torch.bool, device=factor.device)
+    for start in range(0, len(factor), step):
+        failed[start : start + step] = _inverse_cholesky_(factor[start : start + step].mT, block)
     if bool(failed.any()):
         bad = int(failed.nonzero()[0, 0])
         raise ValueError(

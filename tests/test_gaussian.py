@@ -110,6 +110,21 @@ def test_blocked_precision_cholesky_names_a_failure_in_the_second_half():
         _gaussian.precision_cholesky(cov, overwrite=True)
 
 
+def test_precision_cholesky_in_chunks_of_positions(monkeypatch):
+    d = 30
+    x = _x(positions=5, n=2 * d, d=d)
+    count, _, scatter = batch_moments(x)
+    cov = _gaussian.regularized_covariance(scatter, count, 0.01)
+    whole = _gaussian.precision_cholesky(cov)  # one chunk: 5 x 7 kB < 8 MB
+    # chunks of two matrices: positions 0-1, 2-3, then 4
+    monkeypatch.setattr(_gaussian, "_FACTOR_CHUNK_BYTES", 2 * d * d * cov.element_size())
+    torch.testing.assert_close(_gaussian.precision_cholesky(cov), whole, rtol=0, atol=0)
+    # a failure in a later chunk names its own position
+    cov[3, 0, 20] = cov[3, 20, 0] = 1e3
+    with pytest.raises(ValueError, match="position 3 is not positive definite"):
+        _gaussian.precision_cholesky(cov)
+
+
 @pytest.mark.parametrize("d", [3, 61])
 def test_precision_cholesky_overwrite_reuses_the_covariance(d):
     x = _x(positions=3, n=2 * d, d=d)
