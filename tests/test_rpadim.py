@@ -202,13 +202,30 @@ def test_float32_stays_float32():
 
 
 @pytest.mark.filterwarnings("ignore:Could not adhere to working_memory")
-def test_chunked_fit_equals_one_chunk():
+@pytest.mark.parametrize("limit", ["working_memory", "cpu_chunk_bytes"])
+def test_chunked_fit_equals_one_chunk(limit, monkeypatch):
     import sklearn
 
+    import skpatch.detectors._rpadim as rpadim_module
+    from skpatch import _robust
+
     X, _ = contaminated()
+    calls = []
+    median = _robust.geometric_median
+    monkeypatch.setattr(
+        _robust, "geometric_median", lambda x, *a, **k: calls.append(len(x)) or median(x, *a, **k)
+    )
     whole = RobustPaDiMDetector(map_size=None, tol=1e-12).fit(X)
-    with sklearn.config_context(working_memory=0.1):  # one LOF position per chunk
+    assert calls == [X.shape[2] * X.shape[3]]  # every position in one chunk
+    calls.clear()
+    if limit == "working_memory":
+        with sklearn.config_context(working_memory=0.1):  # one LOF position per chunk
+            chunked = RobustPaDiMDetector(map_size=None, tol=1e-12).fit(X)
+        assert len(calls) > 1
+    else:
+        monkeypatch.setattr(rpadim_module, "_CPU_CHUNK_BYTES", 1)  # one position per chunk
         chunked = RobustPaDiMDetector(map_size=None, tol=1e-12).fit(X)
+        assert calls == [1] * (X.shape[2] * X.shape[3])
     np.testing.assert_array_equal(chunked.support_, whole.support_)
     np.testing.assert_allclose(chunked.median_, whole.median_, rtol=1e-5, atol=1e-8)
     np.testing.assert_allclose(chunked.score_samples(X), whole.score_samples(X), rtol=1e-6)

@@ -16,6 +16,13 @@ from .. import _gaussian, _robust
 from .._torch_utils import as_tensor, resolve_device, to_numpy
 from ._base import BaseGaussianDetector, locally_aware_embedder
 
+# Working memory of a chunk of positions in fit on a CPU, about the size of a
+# last-level cache. With sklearn's working_memory alone (1 GB), the chunks
+# spill it on every iteration of the geometric median: the detector's fit on
+# 411 ELPV cells (3136 positions, Rd 100), 4 runs in alternating order, took
+# 2.2-3.0 s (median 2.6), against 1.3-1.8 s (1.6) with this budget.
+_CPU_CHUNK_BYTES = 32 * 2**20
+
 
 class RobustPaDiMDetector(BaseGaussianDetector):
     """Robust PaDiM: LOF-denoised patches, a geometric median and a Gaussian per position.
@@ -157,7 +164,8 @@ class RobustPaDiMDetector(BaseGaussianDetector):
     channels: the LOF costs ``O(P N² d)`` time and ``N²`` floats of memory
     per position, the median ``O(T P N d)`` for ``T`` iterations, the covariances
     ``O(P N d²)`` and ``O(P d³)``, as PaDiM. Both are computed in chunks of
-    positions sized by scikit-learn's ``working_memory``. Unlike PaDiM the
+    positions sized by scikit-learn's ``working_memory`` (and on a CPU by a
+    cache-sized 32 MB). Unlike PaDiM the
     fit needs all training embeddings at once (LOF and median are not
     running sums), so there is no ``partial_fit``. Scoring is PaDiM's.
 
@@ -231,9 +239,15 @@ class RobustPaDiMDetector(BaseGaussianDetector):
 
     # ------------------------------------------------------------------ fitting
     def _position_chunks(self, flat, bytes_per_position):
-        """Slices of positions whose working memory fits ``working_memory``."""
+        """Slices of positions whose working memory fits ``working_memory``.
+
+        On a CPU, also the cache (``_CPU_CHUNK_BYTES``): the median's
+        iterations and the LOF pass over their chunk many times.
+        """
         n_positions = flat.shape[2]
         chunk = get_chunk_n_rows(row_bytes=bytes_per_position, max_n_rows=n_positions)
+        if resolve_device(self.device).type == "cpu":
+            chunk = min(chunk, max(1, _CPU_CHUNK_BYTES // bytes_per_position))
         return gen_batches(n_positions, chunk)
 
     def _block(self, flat, positions, device):
