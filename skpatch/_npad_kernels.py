@@ -32,7 +32,18 @@ def _overlap(n, offset):
     return slice(-offset, n), slice(0, n + offset)
 
 
-def _row_chunks(n_rows, row_bytes, budget_bytes):
+# Bytes of d x d matrices per chunk of grid rows. On a CPU a chunk about the
+# size of the cache: each offset of the window passes over it again, from
+# cache rather than memory (NPadDetector.fit on 411 ELPV cells, 3136
+# positions: 7.55 -> 5.93 s, medians of 4 runs each in alternating order;
+# budgets of 4 and 16 MB did as well). On a GPU, fewer and larger launches.
+_CPU_BUDGET_BYTES = 8 * 2**20
+_GPU_BUDGET_BYTES = 2**28
+
+
+def _row_chunks(n_rows, row_bytes, budget_bytes, device):
+    if budget_bytes is None:
+        budget_bytes = _CPU_BUDGET_BYTES if device.type == "cpu" else _GPU_BUDGET_BYTES
     step = max(1, int(budget_bytes // max(row_bytes, 1)))
     return [(start, min(start + step, n_rows)) for start in range(0, n_rows, step)]
 
@@ -49,7 +60,7 @@ def _cholesky_solve_sq(matrices, vectors):
     return z.squeeze(-1).square().sum(-1)
 
 
-def bhattacharyya_weights(mean, covariance, size, gamma, budget_bytes=2**28):
+def bhattacharyya_weights(mean, covariance, size, gamma, budget_bytes=None):
     """Normalized neighbour weights ``m'`` of N-pad eq. (4)-(6): ``(h, w, K)``.
 
     For every position and every neighbour ``a`` of its window (``K`` offsets,
@@ -61,7 +72,8 @@ def bhattacharyya_weights(mean, covariance, size, gamma, budget_bytes=2**28):
 
     ``BC`` is symmetric, so only half of the offsets are solved (one batched
     Cholesky factorization per pair of positions), in chunks of grid rows of
-    at most ``budget_bytes`` of ``d x d`` matrices.
+    at most ``budget_bytes`` of ``d x d`` matrices (None: 8 MB on a CPU,
+    256 MB on a GPU).
     """
     h, w, d = mean.shape
     offsets = window_offsets(size)
@@ -78,7 +90,7 @@ def bhattacharyya_weights(mean, covariance, size, gamma, budget_bytes=2**28):
             rows = range(ty.start, ty.stop)
             values = torch.empty((len(rows), tx.stop - tx.start), dtype=mean.dtype,
                                  device=mean.device)
-            for start, stop in _row_chunks(len(rows), row_bytes, budget_bytes):
+            for start, stop in _row_chunks(len(rows), row_bytes, budget_bytes, mean.device):
                 t_rows = slice(ty.start + start, ty.start + stop)
                 s_rows = slice(sy.start + start, sy.start + stop)
                 averaged = (covariance[t_rows, tx] + covariance[s_rows, sx]) * 0.5
@@ -93,7 +105,7 @@ def bhattacharyya_weights(mean, covariance, size, gamma, budget_bytes=2**28):
     return weights / weights.sum(dim=2, keepdim=True)
 
 
-def weighted_moments(count, mean, scatter, weights, size, budget_bytes=2**28):
+def weighted_moments(count, mean, scatter, weights, size, budget_bytes=None):
     """Weighted mean and covariance of N-pad eq. (6) from per-position sums.
 
     With ``N`` images, per-position means ``μ_a`` and scatters
@@ -106,7 +118,8 @@ def weighted_moments(count, mean, scatter, weights, size, budget_bytes=2**28):
     training embedding is needed again. ``mean (h, w, d)``, ``scatter (h, w, d,
     d)``, ``weights (h, w, K)`` from :func:`bhattacharyya_weights`. Returns
     ``(mean (h, w, d), covariance (h, w, d, d))`` (without the ridge ``εI``),
-    computed in chunks of grid rows.
+    computed in chunks of grid rows of at most ``budget_bytes`` (as in
+    :func:`bhattacharyya_weights`).
     """
     h, w, d = mean.shape
     offsets = window_offsets(size)
@@ -116,7 +129,7 @@ def weighted_moments(count, mean, scatter, weights, size, budget_bytes=2**28):
         weighted_mean[ty, tx] += weights[ty, tx, k, None] * mean[sy, sx]
     covariance = torch.zeros_like(scatter)
     row_bytes = 2 * w * d * d * scatter.element_size()
-    for start, stop in _row_chunks(h, row_bytes, budget_bytes):
+    for start, stop in _row_chunks(h, row_bytes, budget_bytes, mean.device):
         block = covariance[start:stop]
         for k, (dy, dx) in enumerate(offsets):
             ty, sy = _overlap(h, dy)

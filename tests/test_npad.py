@@ -385,6 +385,35 @@ def test_make_npad_pipeline_defaults():
     assert make_npad_pipeline(max_shift=0).steps[-1][0] == "npaddetector"
 
 
+@pytest.mark.parametrize("size", [3, 5])
+def test_weights_and_weighted_moments_do_not_depend_on_the_row_chunks(size):
+    import torch
+
+    from skpatch import _npad_kernels
+
+    rng = np.random.RandomState(0)
+    h, w, d, n = 5, 6, 4, 20
+    mean = torch.from_numpy(rng.normal(size=(h, w, d)))
+    factors = torch.from_numpy(rng.normal(size=(h, w, d, 2 * d)))
+    scatter = factors @ factors.mT
+    covariance = scatter / (n - 1)
+    chunks = {"one row": 1, "whole grid": 2**40, "default": None}  # bytes per chunk
+    weights = {
+        name: _npad_kernels.bhattacharyya_weights(mean, covariance, size, 0.5, budget)
+        for name, budget in chunks.items()
+    }
+    moments = {
+        name: _npad_kernels.weighted_moments(n, mean, scatter, weights["whole grid"], size, budget)
+        for name, budget in chunks.items()
+    }
+    for name in ("one row", "default"):
+        torch.testing.assert_close(weights[name], weights["whole grid"], rtol=0, atol=0)
+        for got, expected in zip(moments[name], moments["whole grid"]):
+            torch.testing.assert_close(got, expected, rtol=0, atol=0)
+    assert _npad_kernels._row_chunks(h, 3, None, mean.device) == [(0, h)]  # 8 MB on a CPU
+    assert len(_npad_kernels._row_chunks(h, 3 * 2**20, None, mean.device)) == 3
+
+
 def test_neighbour_distances_do_not_depend_on_the_block_size():
     import torch
 
