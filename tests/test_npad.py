@@ -172,6 +172,13 @@ def test_least_nonzero_channel_selection():
     det = NPadDetector(n_features=2, map_size=None, random_state=0).fit(X)
     np.testing.assert_array_equal(det.feature_indices_, [1, 4])
     assert det.nonzero_counts_[1] < det.nonzero_counts_[4] < det.nonzero_counts_[2]
+    np.testing.assert_array_equal(det.nonzero_counts_, np.count_nonzero(X, axis=(0, 2, 3)))
+    # channels-last embeddings (the embedder's) are counted by blocks of patches
+    channels_last = np.ascontiguousarray(X.transpose(0, 2, 3, 1)).transpose(0, 3, 1, 2)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr("skpatch.detectors._npad._COUNT_BLOCK_ROWS", 7)
+        blocked = NPadDetector(n_features=2, map_size=None, random_state=0).fit(channels_last)
+    np.testing.assert_array_equal(blocked.nonzero_counts_, det.nonzero_counts_)
     # all tied (no zero anywhere): a seeded random subset
     Y = embeddings(n=20, c=6, dtype=np.float32) + 100
     picks = {tuple(NPadDetector(n_features=2, random_state=s).fit(Y).feature_indices_)

@@ -17,6 +17,22 @@ from .._shift import ImageShiftDetector
 from .._torch_utils import resolve_device, to_numpy
 from ._base import BaseGaussianDetector, BasePatchDetector
 
+# Patches per block when counting nonzero values on a CPU: the comparison's
+# boolean temporary of a whole chunk leaves the cache (64 images of 3136
+# patches x 176 channels: 146-155 ms against 21-30 in blocks of 4096 rows).
+_COUNT_BLOCK_ROWS = 4096
+
+
+def _count_nonzero_per_channel_(counts, x):
+    """Add the nonzero values of each channel of ``x (b, C, h, w)`` to ``counts``."""
+    rows = x.permute(0, 2, 3, 1)
+    if x.device.type != "cpu" or not rows.is_contiguous():
+        counts += (x != 0).sum(dim=(0, 2, 3))
+        return
+    rows = rows.reshape(-1, x.shape[1])  # channels-last: a view
+    for start in range(0, len(rows), _COUNT_BLOCK_ROWS):
+        counts += (rows[start : start + _COUNT_BLOCK_ROWS] != 0).sum(dim=0)
+
 
 class NPadDetector(BaseGaussianDetector):
     """N-pad: neighbour-weighted and aggregated Gaussians per position, and a centroid bank.
@@ -283,7 +299,7 @@ class NPadDetector(BaseGaussianDetector):
             return np.sort(rng.choice(n_channels, n_selected, replace=False))
         counts = torch.zeros(n_channels, dtype=torch.int64, device=device)
         for _, x in self._iter_chunks(X, device):
-            counts += (x != 0).sum(dim=(0, 2, 3))
+            _count_nonzero_per_channel_(counts, x)
         self.nonzero_counts_ = to_numpy(counts)
         # Fewest nonzero values first; ties (all channels, for a backbone
         # whose stages end without ReLU) in a random order.
