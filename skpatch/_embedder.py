@@ -501,17 +501,17 @@ class PatchEmbedder(TransformerMixin, BaseEstimator):
         ``reuse[:n_images]`` when its shape, type and device fit, else new.
         """
         n_channels = sum(f.shape[1] for f in features)
-        shape = (n_images, n_channels, *features[0].shape[-2:])
+        height, width = features[0].shape[-2:]
         device = features[0].device if self.output == "torch" else torch.device("cpu")
         if (
             reuse is not None
             and len(reuse) >= n_images
-            and reuse.shape[1:] == shape[1:]
+            and reuse.shape[1:] == (n_channels, height, width)
             and reuse.dtype == torch.float32
             and reuse.device == device
         ):
             return reuse[:n_images]
-        nhwc = (n_images, *shape[2:], n_channels)
+        nhwc = (n_images, height, width, n_channels)
         if self.output == "torch":
             out = torch.empty(nhwc, dtype=torch.float32, device=device)
         else:

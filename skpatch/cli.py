@@ -99,6 +99,7 @@ def _batch_size(args):
     """Images per batch read and scored; ``--batch-size`` also sets the forward pass when given."""
     return args.batch_size or _BATCH
 
+
 #: Detectors by command-line name; one line adds a detector. Those whose
 #: class is not in :mod:`skpatch.detectors` (yet) are not offered.
 _ALL_DETECTORS = {
