@@ -16,6 +16,16 @@ Wide-ResNet-50-2):
   alternating with forward passes over them, best of each;
 * ``peak MB``: the peak resident memory of the backbone's own process.
 
+A second table says where the fit goes, from three more fits streamed as
+:func:`skpatch.fit_in_batches` streams them, each stage timed on its own
+(the best of each): ``embed`` (the embedder's passes), ``sums``
+(``partial_fit``: the channel gather and the running sums of PaDiM §III-B,
+per image), ``factor`` (the covariances of eq. (1) and their inverse
+Cholesky factors, computed on first use) and ``calibrate`` (scoring the
+reservoir sample for ``offset_``). ``sums / forward`` is ``sums`` over
+``embed``: the statistics against the forward passes, image for image. The
+two last stages are paid once per fit, whatever the number of images.
+
 ELPV mono, images resized 300 -> 224 without a crop. The ResNets run with
 random weights (``weights=None``): the times do not depend on the weights,
 and ImageNet weights cannot be downloaded on every machine.
@@ -83,14 +93,43 @@ def measure(backbone, weights, n_features, n_train, n_test, threads):
     test_forward, predict = _best_of_alternating(
         forward(X_test), _timed(lambda: pipe.score_samples(X_test)), REPEATS
     )
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    stages = _staged_fit(embedder, pipe[-1], X_train, batch_size=64)
+    for _ in range(REPEATS):  # the best of each stage
+        again = _staged_fit(embedder, pipe[-1], X_train, batch_size=64)
+        stages = {stage: min(seconds, again[stage]) for stage, seconds in stages.items()}
     return {
+        "stages": stages,
+        "sums_ratio": stages["sums"] / stages["embed"],
         "forward": 1000 * train_forward / n_train,
         "fit": fit,
         "fit_ratio": fit / train_forward,
         "predict": 1000 * predict / n_test,
         "predict_ratio": predict / test_forward,
-        "peak": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "peak": peak,
     }
+
+
+def _staged_fit(embedder, detector, X, batch_size):
+    """Seconds of each stage of a streamed fit (see the module docstring)."""
+    from sklearn.base import clone
+
+    detector = clone(detector)
+    seconds = dict.fromkeys(("embed", "sums", "factor", "calibrate"), 0.0)
+    embeddings = None
+    for start in range(0, len(X), batch_size):
+        # as fit_in_batches does: every batch embedded into the first one's memory
+        begin = time.perf_counter()
+        embeddings = embedder._transform(X[start : start + batch_size], out=embeddings)
+        middle = time.perf_counter()
+        detector.partial_fit(embeddings)
+        seconds["embed"] += middle - begin
+        seconds["sums"] += time.perf_counter() - middle
+    for stage, attribute in (("factor", "precision_cholesky_"), ("calibrate", "offset_")):
+        begin = time.perf_counter()
+        getattr(detector, attribute)
+        seconds[stage] = time.perf_counter() - begin
+    return seconds
 
 
 def _child(queue, *args):
@@ -113,6 +152,7 @@ def main():
     print("| " + " | ".join(header) + " |")
     print("|" + "---|" * len(header))
     context = mp.get_context("spawn")  # a fresh process each: its own peak memory
+    stages = {}
     for backbone, weights, n_features in SETTINGS:
         if backbone not in args.backbones:
             continue
@@ -127,6 +167,17 @@ def main():
         print(f"| {backbone} | {n_features} | {row['forward']:.1f} | {row['fit']:.1f} | "
               f"{row['fit_ratio']:.2f} | {row['predict']:.1f} | {row['predict_ratio']:.2f} | "
               f"{row['peak']:.0f} |", flush=True)
+        stages[backbone] = row["stages"], row["sums_ratio"]
+
+    print(f"\nWhere a streamed fit of {args.train} images goes (seconds; sums also per image)\n")
+    header = ("backbone", "embed s", "sums s", "sums ms/img", "sums / forward",
+              "factor s", "calibrate s")
+    print("| " + " | ".join(header) + " |")
+    print("|" + "---|" * len(header))
+    for backbone, (seconds, sums_ratio) in stages.items():
+        print(f"| {backbone} | {seconds['embed']:.2f} | {seconds['sums']:.2f} | "
+              f"{1000 * seconds['sums'] / args.train:.2f} | {sums_ratio:.2f} | "
+              f"{seconds['factor']:.2f} | {seconds['calibrate']:.2f} |")
 
 
 if __name__ == "__main__":
