@@ -26,6 +26,9 @@ anomalib runs in its own virtual environment (``../shared/bench/README.md``)::
 
 ``--skpatch-only`` skips anomalib (its numbers from an earlier run can be
 given with ``--anomalib-results DIR``, the folder of its JSON files).
+Both PaDiMs draw their channels at random; ``--padim-seeds 5`` also prints
+skpatch's PaDiM AUROC for ``random_state`` 0-4 (on the same embeddings), the
+spread a difference between the two libraries should be read against.
 """
 
 import argparse
@@ -118,6 +121,27 @@ def run_skpatch(model, dataset, threads, limit, memory_bank_params):
     }
 
 
+def padim_seed_aurocs(dataset, threads, limit, n_seeds):
+    """Image AUROC of skpatch's PaDiM for ``random_state`` 0 .. n_seeds - 1."""
+    import torch
+
+    sys.path.insert(0, BENCH)
+    import data
+
+    from skpatch.metrics import image_auroc
+
+    torch.set_num_threads(threads)
+    X_train, X_test, y_test, _ = data.load(dataset, limit, limit)
+    pipe = _pipeline("padim", None)
+    embedder, detector = pipe[0], pipe[-1]
+    E_train, E_test = embedder.transform(X_train), embedder.transform(X_test)
+    aurocs = []
+    for seed in range(n_seeds):
+        detector.set_params(random_state=seed).fit(E_train)
+        aurocs.append(image_auroc(y_test, -detector.score_samples(E_test)))
+    return aurocs
+
+
 def run_anomalib(python, model, dataset, threads, limit, results, batch_size):
     command = [python, os.path.join(BENCH, "anomalib_peer.py"), "--model", model,
                "--dataset", dataset, "--threads", str(threads), "--tag", "vs_skpatch",
@@ -167,6 +191,8 @@ def main(argv=None):
     parser.add_argument("--skpatch-only", action="store_true")
     parser.add_argument("--anomalib-batch-size", type=int, default=32,
                         help="anomalib's images per batch (and forward pass)")
+    parser.add_argument("--padim-seeds", type=int, default=0,
+                        help="also print skpatch's PaDiM AUROC for this many random_state values")
     args = parser.parse_args(argv)
     results = args.anomalib_results or tempfile.mkdtemp(prefix="anomalib_results_")
 
@@ -203,6 +229,14 @@ def main(argv=None):
                   f"{ours['auroc'] - peer['auroc']:+.3f} | {ours['fit_s'] / peer['fit_s']:.2f} | "
                   f"{ours['predict_ms'] / peer['predict_ms']:.2f} | | | "
                   f"{ours['peak_mb'] / peer['peak_mb']:.2f} | |")
+
+    if args.padim_seeds and "padim" in args.models:
+        print(f"\nskpatch PaDiM image AUROC, random_state 0-{args.padim_seeds - 1}:")
+        for dataset in args.datasets:
+            aurocs = _in_fresh_process(padim_seed_aurocs, dataset, args.threads, args.limit,
+                                       args.padim_seeds)
+            print(f"{dataset}: " + " ".join(f"{a:.3f}" for a in aurocs)
+                  + f" (mean {np.mean(aurocs):.3f}, sd {np.std(aurocs):.3f})")
 
 
 if __name__ == "__main__":
