@@ -5,6 +5,7 @@ Kept free of estimator code so that every kernel module can import it.
 
 import contextlib
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
@@ -87,6 +88,35 @@ def single_threaded():
         yield
     finally:
         torch.set_num_threads(n_threads)
+
+
+def map_on_cores(function, items, device):
+    """``[function(item) for item in items]``, on every CPU thread of torch at once.
+
+    For work on the CPU: each of torch's threads takes the next item and
+    runs it with torch single-threaded (the caller's grad and inference
+    modes, which are per thread, are kept). For batches of small matrices
+    that beats parallelism inside each operation, which LAPACK's batched
+    calls lack altogether: they loop over the matrices on one core. On
+    another ``device``, with one torch thread or with one item, a plain
+    loop in the caller's thread.
+    """
+    n_threads = torch.get_num_threads()
+    if torch.device(device).type != "cpu" or n_threads == 1 or len(items) < 2:
+        return [function(item) for item in items]
+    inference, grad = torch.is_inference_mode_enabled(), torch.is_grad_enabled()
+
+    def call(item):
+        with torch.inference_mode(inference), torch.set_grad_enabled(grad):
+            return function(item)
+
+    try:
+        with ThreadPoolExecutor(
+            min(n_threads, len(items)), initializer=torch.set_num_threads, initargs=(1,)
+        ) as pool:
+            return list(pool.map(call, items))
+    finally:
+        torch.set_num_threads(n_threads)  # the workers' setting is process-wide
 
 
 def to_numpy(tensor):

@@ -110,15 +110,29 @@ def test_blocked_precision_cholesky_names_a_failure_in_the_second_half():
         _gaussian.precision_cholesky(cov, overwrite=True)
 
 
-def test_precision_cholesky_in_chunks_of_positions(monkeypatch):
+@pytest.fixture
+def torch_threads():
+    """Set torch's thread count for a test (restored afterwards)."""
+    original = torch.get_num_threads()
+    yield torch.set_num_threads
+    torch.set_num_threads(original)
+
+
+@pytest.mark.parametrize("n_threads", [1, 2])
+def test_precision_cholesky_in_chunks_of_positions(monkeypatch, torch_threads, n_threads):
+    torch_threads(n_threads)  # 2: the chunks go to two single-threaded workers
     d = 30
     x = _x(positions=5, n=2 * d, d=d)
     count, _, scatter = batch_moments(x)
     cov = _gaussian.regularized_covariance(scatter, count, 0.01)
     whole = _gaussian.precision_cholesky(cov)  # one chunk: 5 x 7 kB < 8 MB
-    # chunks of two matrices: positions 0-1, 2-3, then 4
+    # chunks of two matrices: positions 0-1, 2-3, then 4; in inference mode,
+    # as detectors factor (the workers must be in it too, to write in place)
     monkeypatch.setattr(_gaussian, "_FACTOR_CHUNK_BYTES", 2 * d * d * cov.element_size())
-    torch.testing.assert_close(_gaussian.precision_cholesky(cov), whole, rtol=0, atol=0)
+    with torch.inference_mode():
+        chunked = _gaussian.precision_cholesky(cov.clone(), overwrite=True)
+    torch.testing.assert_close(chunked, whole, rtol=0, atol=0)
+    assert torch.get_num_threads() == n_threads  # restored after the workers
     # a failure in a later chunk names its own position
     cov[3, 0, 20] = cov[3, 20, 0] = 1e3
     with pytest.raises(ValueError, match="position 3 is not positive definite"):

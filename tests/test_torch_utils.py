@@ -1,0 +1,56 @@
+import threading
+
+import pytest
+import torch
+
+from skpatch._torch_utils import map_on_cores
+
+
+@pytest.fixture
+def two_threads():
+    original = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(original)
+
+
+def test_map_on_cores_runs_items_on_single_threaded_workers(two_threads):
+    seen = []
+
+    def work(item):
+        seen.append((threading.get_ident(), torch.get_num_threads()))
+        return item * item
+
+    assert map_on_cores(work, list(range(7)), "cpu") == [i * i for i in range(7)]  # in order
+    assert {n for _, n in seen} == {1}  # torch single-threaded in the workers
+    assert threading.get_ident() not in {ident for ident, _ in seen}
+    assert torch.get_num_threads() == 2  # the caller's setting comes back
+    # one item, or another device than the CPU: a plain loop in the caller's thread
+    here = threading.get_ident()
+    assert map_on_cores(lambda item: threading.get_ident(), [0], "cpu") == [here]
+    assert map_on_cores(lambda item: threading.get_ident(), [0, 1], "meta") == [here, here]
+
+
+@pytest.mark.parametrize("inference", [True, False])
+def test_map_on_cores_keeps_the_callers_modes(two_threads, inference):
+    with torch.inference_mode(inference):
+        x = torch.zeros(4)  # an inference tensor in inference mode
+
+        def work(index):
+            x[index] += index + 1  # in place: allowed only in inference mode
+            return torch.is_inference_mode_enabled(), torch.is_grad_enabled()
+
+        modes = map_on_cores(work, [0, 1, 2, 3], "cpu")
+    assert modes == [(inference, not inference)] * 4
+    assert x.tolist() == [1, 2, 3, 4]
+
+
+def test_map_on_cores_raises_what_an_item_raised(two_threads):
+    def work(item):
+        if item == 2:
+            raise ValueError("item 2 failed")
+        return item
+
+    with pytest.raises(ValueError, match="item 2 failed"):
+        map_on_cores(work, [0, 1, 2, 3], "cpu")
+    assert torch.get_num_threads() == 2
