@@ -16,7 +16,7 @@ import contextlib
 import torch
 
 from . import _gaussian
-from ._torch_utils import single_threaded
+from ._torch_utils import map_on_cores, single_threaded
 
 
 def window_offsets(size):
@@ -81,26 +81,29 @@ def bhattacharyya_weights(mean, covariance, size, gamma, budget_bytes=None):
     bc = torch.full((h, w, len(offsets)), float("inf"), dtype=mean.dtype, device=mean.device)
     bc[:, :, index[(0, 0)]] = 0.0
     row_bytes = 3 * w * d * d * mean.element_size()
-    context = single_threaded() if mean.device.type == "cpu" else contextlib.nullcontext()
-    with context:
-        for dy, dx in offsets:
-            if (dy, dx) <= (0, 0):
-                continue  # the position itself, or the mirror of a solved offset
-            (ty, sy), (tx, sx) = _overlap(h, dy), _overlap(w, dx)
-            rows = range(ty.start, ty.stop)
-            values = torch.empty((len(rows), tx.stop - tx.start), dtype=mean.dtype,
-                                 device=mean.device)
-            for start, stop in _row_chunks(len(rows), row_bytes, budget_bytes, mean.device):
-                t_rows = slice(ty.start + start, ty.start + stop)
-                s_rows = slice(sy.start + start, sy.start + stop)
-                averaged = (covariance[t_rows, tx] + covariance[s_rows, sx]) * 0.5
-                delta = mean[t_rows, tx] - mean[s_rows, sx]
-                values[start:stop] = (
-                    _cholesky_solve_sq(averaged.reshape(-1, d, d), delta.reshape(-1, d))
-                    .reshape(stop - start, -1) / 8.0
-                )
-            bc[ty, tx, index[(dy, dx)]] = values
-            bc[sy, sx, index[(-dy, -dx)]] = values
+    # (offset, chunk of its rows) pairs: each writes its own entries of bc
+    tasks = [
+        ((dy, dx), chunk)
+        for dy, dx in offsets
+        if (dy, dx) > (0, 0)  # not the position itself, nor the mirror of a solved offset
+        for chunk in _row_chunks(h - abs(dy), row_bytes, budget_bytes, mean.device)
+    ]
+
+    def solve(task):
+        (dy, dx), (start, stop) = task
+        (ty, sy), (tx, sx) = _overlap(h, dy), _overlap(w, dx)
+        t_rows = slice(ty.start + start, ty.start + stop)
+        s_rows = slice(sy.start + start, sy.start + stop)
+        # single-threaded LAPACK: it only parallelizes inside each small matrix
+        with single_threaded() if mean.device.type == "cpu" else contextlib.nullcontext():
+            averaged = (covariance[t_rows, tx] + covariance[s_rows, sx]) * 0.5
+            delta = mean[t_rows, tx] - mean[s_rows, sx]
+            values = _cholesky_solve_sq(averaged.reshape(-1, d, d), delta.reshape(-1, d))
+        values = values.reshape(stop - start, -1) / 8.0
+        bc[t_rows, tx, index[(dy, dx)]] = values
+        bc[s_rows, sx, index[(-dy, -dx)]] = values
+
+    map_on_cores(solve, tasks, mean.device)  # one chunk per core on a CPU
     weights = torch.exp(-bc / gamma)  # exp(-inf) = 0 outside the grid
     return weights / weights.sum(dim=2, keepdim=True)
 
