@@ -4,7 +4,6 @@ import math
 import warnings
 from numbers import Integral, Real
 
-import numpy as np
 import torch
 from sklearn.base import _fit_context
 from sklearn.pipeline import make_pipeline
@@ -13,7 +12,7 @@ from sklearn.utils._chunking import get_chunk_n_rows
 from sklearn.utils._param_validation import Interval
 
 from .. import _gaussian, _robust
-from .._torch_utils import as_tensor, resolve_device, to_numpy
+from .._torch_utils import as_tensor, map_on_cores, resolve_device, to_numpy
 from ._base import BaseGaussianDetector, locally_aware_embedder
 
 # Working memory of a chunk of positions in fit on a CPU, about the size of a
@@ -238,59 +237,65 @@ class RobustPaDiMDetector(BaseGaussianDetector):
         self.device = device
 
     # ------------------------------------------------------------------ fitting
-    def _position_chunks(self, flat, bytes_per_position):
+    def _position_chunks(self, x, bytes_per_position):
         """Slices of positions whose working memory fits ``working_memory``.
 
         On a CPU, also the cache (``_CPU_CHUNK_BYTES``): the median's
         iterations and the LOF pass over their chunk many times.
         """
-        n_positions = flat.shape[2]
+        n_positions = x.shape[0]
         chunk = get_chunk_n_rows(row_bytes=bytes_per_position, max_n_rows=n_positions)
         if resolve_device(self.device).type == "cpu":
             chunk = min(chunk, max(1, _CPU_CHUNK_BYTES // bytes_per_position))
         return gen_batches(n_positions, chunk)
 
-    def _block(self, flat, positions, device):
-        """Selected channels of all images at a slice of positions: ``(p, N, d)``."""
-        block = flat[:, torch.as_tensor(self.feature_indices_), positions]  # (N, d, p), a copy
-        return block.to(device).permute(2, 0, 1).contiguous()
+    def _block(self, x, positions, device):
+        """Selected channels of all images at a slice of positions: ``(p, N, d)``.
 
-    def _denoise(self, flat, device):
+        ``x`` is the position-major ``(P, N, C)`` view of the embeddings;
+        the block is a contiguous copy (a gather, not fancy indexing: for
+        the embedder's channels-last arrays it reads whole rows of channels).
+        """
+        block = x[positions]
+        index = self._channel_index(x.device)
+        return torch.gather(block, 2, index.expand(*block.shape[:2], len(index))).to(device)
+
+    def _denoise(self, x, device):
         """LOF per position and the ``tau`` trimming: ``(lof (P, N), threshold, keep (P, N))``."""
-        n_images = flat.shape[0]
+        n_images = x.shape[1]
         d = len(self.feature_indices_)
-        itemsize = flat.element_size()
+        itemsize = x.element_size()
         # the n x n matrix of a position and the top-k buffers, plus the patches
         row_bytes = itemsize * (2 * n_images * n_images + 2 * n_images * d)
-        lof = torch.cat(
-            [
-                _robust.local_outlier_factor(self._block(flat, positions, device), self.n_neighbors)
-                for positions in self._position_chunks(flat, row_bytes)
-            ]
-        )
+
+        def chunk_lof(positions):
+            return _robust.local_outlier_factor(self._block(x, positions, device),
+                                                self.n_neighbors)
+
+        chunks = list(self._position_chunks(x, row_bytes))
+        lof = torch.cat(map_on_cores(chunk_lof, chunks, device))
         threshold = _robust.quantile_threshold(lof, self.tau)
         # At least half of each position's patches (and 2, for a covariance).
         min_keep = min(n_images, max(2, math.ceil(n_images / 2)))
         return lof, threshold, _robust.trim_mask(lof, threshold, min_keep)
 
-    def _robust_moments(self, flat, keep, device):
+    def _robust_moments(self, x, keep, device):
         """Per-position ``(count, median, scatter about the median)`` of the kept patches."""
-        n_images = flat.shape[0]
+        n_images = x.shape[1]
         d = len(self.feature_indices_)
-        row_bytes = flat.element_size() * (4 * n_images * d + d * d)
-        counts, medians, scatters = [], [], []
-        self.n_iter_ = 0
-        for positions in self._position_chunks(flat, row_bytes):
-            block = self._block(flat, positions, device)
+        row_bytes = x.element_size() * (4 * n_images * d + d * d)
+
+        def chunk_moments(positions):
+            block = self._block(x, positions, device)
             weights = keep[positions]
             median, n_iter = _robust.geometric_median(
                 block, weights, max_iter=self.max_iter, tol=self.tol
             )
-            count, scatter = _robust.scatter_about(block, median, weights)
-            self.n_iter_ = max(self.n_iter_, n_iter)
-            counts.append(count)
-            medians.append(median)
-            scatters.append(scatter)
+            return (*_robust.scatter_about(block, median, weights), median, n_iter)
+
+        chunks = list(self._position_chunks(x, row_bytes))
+        counts, scatters, medians, n_iters = zip(*map_on_cores(chunk_moments, chunks, device))
+        self.n_iter_ = max(n_iters)
         return torch.cat(counts), torch.cat(medians), torch.cat(scatters)
 
     def _training_scores(self, X, keep, count, device):
@@ -353,11 +358,11 @@ class RobustPaDiMDetector(BaseGaussianDetector):
             )
         self.feature_indices_ = self._select_features(X.shape[1])
         device = resolve_device(self.device)
-        # (N, C, P) on the CPU, without a copy: position blocks are gathered from it.
-        flat = as_tensor(np.ascontiguousarray(X).reshape(n_images, X.shape[1], -1), "cpu")
+        # (P, N, C) on the CPU, a view: position blocks are gathered from it.
+        x = self._positions(as_tensor(X, "cpu"))
         with torch.inference_mode():
-            lof, threshold, keep = self._denoise(flat, device)
-            moments = self._robust_moments(flat, keep, device)
+            lof, threshold, keep = self._denoise(x, device)
+            moments = self._robust_moments(x, keep, device)
             count, median, scatter = moments
             # PaDiM eq. (1) with each position's number of kept patches.
             self.median_ = to_numpy(median)
