@@ -150,27 +150,48 @@ def weighted_moments(count, mean, scatter, weights, size, budget_bytes=None):
     return weighted_mean, covariance
 
 
-def aggregate(x, size):
+def _window_sum_(out, source, dim, radius):
+    """``out[i] = Σ source[i + o]`` over ``o = -radius .. radius`` along ``dim``, in that order.
+
+    Neighbours outside the grid count as 0. The first term is copied and the
+    others added in place, so the sums are those of the zero-padded window
+    added in order (:func:`aggregate_at` adds the same terms in the same
+    order).
+    """
+    n = source.shape[dim]
+    for offset in range(-radius, radius + 1):
+        length = max(0, n - abs(offset))
+        first = offset == -radius
+        if first:
+            out.narrow(dim, 0, n - length).zero_()  # no neighbour at this offset
+        if length == 0:
+            continue
+        target = out.narrow(dim, max(0, -offset), length)
+        shifted = source.narrow(dim, max(0, offset), length)
+        if first:
+            target.copy_(shifted)
+        else:
+            target += shifted
+    return out
+
+
+def aggregate(x, size, out=None):
     """``p x p`` average of every embedding over its neighbourhood (eq. 7), same grid.
 
     ``x (h, w, b, d)``, position-major (see :func:`neighbour_min_mahalanobis`).
     The average is over the in-grid neighbours only (as ``avg_pool2d`` with
     ``count_include_pad=False``), so border patches are not pulled toward
     zero. Separable: window sums along the columns, then the rows, each a
-    sum of shifted slices of whole ``b x d`` blocks.
+    sum of shifted slices of whole ``b x d`` blocks, added in place (no
+    padded copy). ``out``: where to write the averages (a new tensor when
+    None); ``x`` is not modified.
     """
     radius = size // 2
     if radius == 0:
-        return x
+        return x if out is None else out.copy_(x)
     h, w = x.shape[:2]
-    padded = x.new_zeros((h + 2 * radius, w + 2 * radius, *x.shape[2:]))
-    padded[radius:radius + h, radius:radius + w] = x
-    columns = padded[:, :w].clone()
-    for dx in range(1, 2 * radius + 1):
-        columns += padded[:, dx:dx + w]
-    total = columns[:h].clone()
-    for dy in range(1, 2 * radius + 1):
-        total += columns[dy:dy + h]
+    columns = _window_sum_(torch.empty_like(x), x, 1, radius)
+    total = _window_sum_(torch.empty_like(x) if out is None else out, columns, 0, radius)
 
     def in_grid(n):
         index = torch.arange(n, device=x.device)

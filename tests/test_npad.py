@@ -518,3 +518,26 @@ def test_aggregate_at_positions_is_aggregate_bit_for_bit(size):
     np.testing.assert_array_equal(
         aggregate_at(embeddings, size, positions, images, index).numpy(), whole.numpy()
     )
+
+
+@pytest.mark.parametrize("size", [1, 3, 5, 7])
+@pytest.mark.parametrize("grid", [(4, 6), (2, 3)])  # 7 x 7 windows overhang the 2 x 3 grid
+def test_aggregate_is_the_in_grid_window_average(size, grid):
+    import torch
+    import torch.nn.functional as F
+
+    from skpatch._npad_kernels import aggregate
+
+    h, w = grid
+    x = torch.randn(h, w, 3, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    original = x.clone()
+    planes = x.permute(2, 3, 0, 1).reshape(6, 1, h, w)
+    expected = F.avg_pool2d(planes, size, stride=1, padding=size // 2, count_include_pad=False)
+    expected = expected.reshape(3, 2, h, w).permute(2, 3, 0, 1)
+    torch.testing.assert_close(aggregate(x, size), expected)
+    # into a strided slice of a larger buffer, as the fit fills its chunks
+    buffer = torch.full((h, w, 5, 2), float("nan"), dtype=torch.float64)
+    aggregate(x, size, out=buffer[:, :, 1:4])
+    torch.testing.assert_close(buffer[:, :, 1:4], expected)
+    assert buffer[:, :, [0, 4]].isnan().all()
+    assert torch.equal(x, original)  # the input is left as it was
