@@ -19,7 +19,7 @@ import contextlib
 
 import torch
 
-from ._torch_utils import map_on_cores, single_threaded
+from ._torch_utils import gather_last, map_on_cores, single_threaded
 
 
 # Positions per block on a CPU. A block of 32 images x 100 channels is 1.6 MB:
@@ -48,8 +48,7 @@ def position_blocks(x, index=None):
         if index is None:
             block.copy_(x[start:stop])
         else:
-            # gather, not index_select: 4x faster on a CPU for the last dimension
-            torch.gather(x[start:stop], 2, index.expand(block.shape), out=block)
+            gather_last(x[start:stop], index, out=block)
         yield slice(start, stop), block
 
 

@@ -32,7 +32,7 @@ import sklearn
 import torch
 from sklearn.utils import check_random_state
 
-from ._torch_utils import as_tensor, single_threaded
+from ._torch_utils import as_tensor, gather_last, single_threaded
 
 __all__ = [
     "fill_reservoir",
@@ -591,9 +591,9 @@ def fill_reservoir(sample, X, positions, slots, channels=None):
         if index is None:
             target[slot].copy_(x[position])
         elif (x.device, x.dtype) == (target.device, target.dtype):
-            torch.gather(x[position], -1, index.expand(target[slot].shape), out=target[slot])
+            gather_last(x[position], index, out=target[slot])
         else:  # gathered on the device (only the kept channels cross), or cast
-            target[slot].copy_(torch.gather(x[position], -1, index.expand(target[slot].shape)))
+            target[slot].copy_(gather_last(x[position], index))
     return sample
 
 

@@ -90,6 +90,16 @@ def single_threaded():
         torch.set_num_threads(n_threads)
 
 
+def gather_last(x, index, out=None):
+    """``x[..., index]``, the entries ``index`` of the last dimension, as a contiguous copy.
+
+    ``torch.gather`` with the index broadcast over the other dimensions: on a
+    CPU it reads whole rows of a channels-last tensor and is 2-4x faster
+    than ``index_select`` or fancy indexing on the last dimension.
+    """
+    return torch.gather(x, -1, index.expand(*x.shape[:-1], len(index)), out=out)
+
+
 def map_on_cores(function, items, device):
     """``[function(item) for item in items]``, on every CPU thread of torch at once.
 

@@ -10,6 +10,14 @@ def _few_threads():
 
 
 @pytest.fixture
+def torch_threads():
+    """``torch.set_num_threads`` for a test; the thread count is restored afterwards."""
+    original = torch.get_num_threads()
+    yield torch.set_num_threads
+    torch.set_num_threads(original)
+
+
+@pytest.fixture
 def rng():
     return np.random.RandomState(0)
 

@@ -110,14 +110,6 @@ def test_blocked_precision_cholesky_names_a_failure_in_the_second_half():
         _gaussian.precision_cholesky(cov, overwrite=True)
 
 
-@pytest.fixture
-def torch_threads():
-    """Set torch's thread count for a test (restored afterwards)."""
-    original = torch.get_num_threads()
-    yield torch.set_num_threads
-    torch.set_num_threads(original)
-
-
 @pytest.mark.parametrize("n_threads", [1, 2])
 def test_precision_cholesky_in_chunks_of_positions(monkeypatch, torch_threads, n_threads):
     torch_threads(n_threads)  # 2: the chunks go to two single-threaded workers

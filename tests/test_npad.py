@@ -393,7 +393,7 @@ def test_make_npad_pipeline_defaults():
 
 
 @pytest.mark.parametrize("size", [3, 5])
-def test_weights_and_weighted_moments_do_not_depend_on_the_row_chunks(size):
+def test_weights_and_weighted_moments_do_not_depend_on_the_row_chunks(size, torch_threads):
     import torch
 
     from skpatch import _npad_kernels
@@ -405,17 +405,13 @@ def test_weights_and_weighted_moments_do_not_depend_on_the_row_chunks(size):
     scatter = factors @ factors.mT
     covariance = scatter / (n - 1)
     chunks = {"one row": 1, "whole grid": 2**40, "default": None}  # bytes per chunk
-    threads = torch.get_num_threads()
-    try:
-        torch.set_num_threads(2)  # the chunks (and offsets) go to two workers
-        weights = {
-            name: _npad_kernels.bhattacharyya_weights(mean, covariance, size, 0.5, budget)
-            for name, budget in chunks.items()
-        }
-        torch.set_num_threads(1)  # one after the other, in this thread
-        weights["one thread"] = _npad_kernels.bhattacharyya_weights(mean, covariance, size, 0.5)
-    finally:
-        torch.set_num_threads(threads)
+    torch_threads(2)  # the chunks (and offsets) go to two workers
+    weights = {
+        name: _npad_kernels.bhattacharyya_weights(mean, covariance, size, 0.5, budget)
+        for name, budget in chunks.items()
+    }
+    torch_threads(1)  # one after the other, in this thread
+    weights["one thread"] = _npad_kernels.bhattacharyya_weights(mean, covariance, size, 0.5)
     torch.testing.assert_close(weights["one thread"], weights["whole grid"], rtol=0, atol=0)
     moments = {
         name: _npad_kernels.weighted_moments(n, mean, scatter, weights["whole grid"], size, budget)

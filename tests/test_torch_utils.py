@@ -7,11 +7,8 @@ from skpatch._torch_utils import map_on_cores
 
 
 @pytest.fixture
-def two_threads():
-    original = torch.get_num_threads()
-    torch.set_num_threads(2)
-    yield
-    torch.set_num_threads(original)
+def two_threads(torch_threads):
+    torch_threads(2)
 
 
 def test_map_on_cores_runs_items_on_single_threaded_workers(two_threads):

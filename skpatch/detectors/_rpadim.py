@@ -12,7 +12,7 @@ from sklearn.utils._chunking import get_chunk_n_rows
 from sklearn.utils._param_validation import Interval
 
 from .. import _gaussian, _robust
-from .._torch_utils import as_tensor, map_on_cores, resolve_device, to_numpy
+from .._torch_utils import as_tensor, gather_last, map_on_cores, resolve_device, to_numpy
 from ._base import BaseGaussianDetector, locally_aware_embedder
 
 # Working memory of a chunk of positions in fit on a CPU, about the size of a
@@ -238,7 +238,7 @@ class RobustPaDiMDetector(BaseGaussianDetector):
 
     # ------------------------------------------------------------------ fitting
     def _position_chunks(self, x, bytes_per_position):
-        """Slices of positions whose working memory fits ``working_memory``.
+        """List of slices of positions whose working memory fits ``working_memory``.
 
         On a CPU, also the cache (``_CPU_CHUNK_BYTES``): the median's
         iterations and the LOF pass over their chunk many times.
@@ -247,18 +247,15 @@ class RobustPaDiMDetector(BaseGaussianDetector):
         chunk = get_chunk_n_rows(row_bytes=bytes_per_position, max_n_rows=n_positions)
         if resolve_device(self.device).type == "cpu":
             chunk = min(chunk, max(1, _CPU_CHUNK_BYTES // bytes_per_position))
-        return gen_batches(n_positions, chunk)
+        return list(gen_batches(n_positions, chunk))
 
     def _block(self, x, positions, device):
         """Selected channels of all images at a slice of positions: ``(p, N, d)``.
 
         ``x`` is the position-major ``(P, N, C)`` view of the embeddings;
-        the block is a contiguous copy (a gather, not fancy indexing: for
-        the embedder's channels-last arrays it reads whole rows of channels).
+        the block is a contiguous copy.
         """
-        block = x[positions]
-        index = self._channel_index(x.device)
-        return torch.gather(block, 2, index.expand(*block.shape[:2], len(index))).to(device)
+        return gather_last(x[positions], self._channel_index(x.device)).to(device)
 
     def _denoise(self, x, device):
         """LOF per position and the ``tau`` trimming: ``(lof (P, N), threshold, keep (P, N))``."""
@@ -272,8 +269,7 @@ class RobustPaDiMDetector(BaseGaussianDetector):
             return _robust.local_outlier_factor(self._block(x, positions, device),
                                                 self.n_neighbors)
 
-        chunks = list(self._position_chunks(x, row_bytes))
-        lof = torch.cat(map_on_cores(chunk_lof, chunks, device))
+        lof = torch.cat(map_on_cores(chunk_lof, self._position_chunks(x, row_bytes), device))
         threshold = _robust.quantile_threshold(lof, self.tau)
         # At least half of each position's patches (and 2, for a covariance).
         min_keep = min(n_images, max(2, math.ceil(n_images / 2)))
@@ -293,7 +289,7 @@ class RobustPaDiMDetector(BaseGaussianDetector):
             )
             return (*_robust.scatter_about(block, median, weights), median, n_iter)
 
-        chunks = list(self._position_chunks(x, row_bytes))
+        chunks = self._position_chunks(x, row_bytes)
         counts, scatters, medians, n_iters = zip(*map_on_cores(chunk_moments, chunks, device))
         self.n_iter_ = max(n_iters)
         return torch.cat(counts), torch.cat(medians), torch.cat(scatters)
