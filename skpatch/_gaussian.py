@@ -19,7 +19,7 @@ import contextlib
 
 import torch
 
-from ._torch_utils import gather_last, map_on_cores, single_threaded
+from ._torch_utils import all_finite, gather_last, map_on_cores, single_threaded
 
 
 # Positions per block on a CPU. A block of 32 images x 100 channels is 1.6 MB:
@@ -198,7 +198,7 @@ def precision_cholesky(covariance, overwrite=False):
         instead of a copy: saves a ``(P, d, d)`` array, whose first touch
         alone costs as much as the products on a CPU.
     """
-    if not bool(torch.isfinite(covariance.sum())) and not bool(torch.isfinite(covariance).all()):
+    if not all_finite(covariance):
         # Squares of embeddings beyond ~1e19 overflow float32 (1e154 for float64).
         raise ValueError(
             f"the covariances overflow {str(covariance.dtype).replace('torch.', '')} "

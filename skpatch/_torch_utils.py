@@ -129,6 +129,15 @@ def map_on_cores(function, items, device):
         torch.set_num_threads(n_threads)  # the workers' setting is process-wide
 
 
+def all_finite(x):
+    """Whether the tensor ``x`` has finite entries only.
+
+    One reduction, as scikit-learn checks arrays: a finite sum means finite
+    entries (a sum that overflows falls back to the full check).
+    """
+    return bool(torch.isfinite(x.sum())) or bool(torch.isfinite(x).all())
+
+
 def to_numpy(tensor):
     """Tensor (any device) -> NumPy array on the CPU."""
     return tensor.detach().cpu().numpy()

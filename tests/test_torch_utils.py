@@ -3,7 +3,7 @@ import threading
 import pytest
 import torch
 
-from skpatch._torch_utils import map_on_cores
+from skpatch._torch_utils import all_finite, map_on_cores
 
 
 @pytest.fixture
@@ -51,3 +51,14 @@ def test_map_on_cores_raises_what_an_item_raised(two_threads):
     with pytest.raises(ValueError, match="item 2 failed"):
         map_on_cores(work, [0, 1, 2, 3], "cpu")
     assert torch.get_num_threads() == 2
+
+
+def test_all_finite_checks_entries_not_the_sum():
+    x = torch.ones(4, 3)
+    assert all_finite(x)
+    x[2, 1] = float("nan")
+    assert not all_finite(x)
+    x[2, 1] = -float("inf")
+    assert not all_finite(x)
+    # finite entries whose sum overflows float32
+    assert all_finite(torch.full((4,), 3e38))

@@ -29,6 +29,7 @@ from sklearn.utils.validation import check_array, check_is_fitted, validate_data
 from .. import _gaussian
 from .._maps import map_size_tuple, postprocess
 from .._torch_utils import (
+    all_finite,
     as_tensor,
     cpu_fallback_state,
     numpy_dtype,
@@ -205,9 +206,7 @@ class BasePatchDetector(OutlierMixin, BaseEstimator):
             raise ValueError(f"X has dtype {X.dtype}: patch embeddings are floats.")
         if X.dtype not in (torch.float32, torch.float64):
             X = X.float()  # half precision: score in float32
-        # One reduction, as scikit-learn checks arrays: a finite sum means
-        # finite entries (a sum that overflows falls back to the full check).
-        if not bool(torch.isfinite(X.sum())) and not bool(torch.isfinite(X).all()):
+        if not all_finite(X):
             raise ValueError("Input X contains NaN or infinity.")
         self._check_features(X.shape[1], reset)
         if reset:
