@@ -18,7 +18,7 @@ from sklearn.utils._param_validation import HasMethods, Interval, StrOptions
 from sklearn.utils.validation import check_memory
 
 from ._images import check_images, load_batch
-from ._torch_utils import cpu_fallback_state, oom_advice, resolve_device, to_numpy
+from ._torch_utils import cpu_fallback_state, empty, oom_advice, resolve_device, to_numpy
 from .backbones import FeatureExtractor, get_backbone, load_backbone
 
 
@@ -512,11 +512,7 @@ class PatchEmbedder(TransformerMixin, BaseEstimator):
         ):
             return reuse[:n_images]
         nhwc = (n_images, height, width, n_channels)
-        if self.output == "torch":
-            out = torch.empty(nhwc, dtype=torch.float32, device=device)
-        else:
-            out = torch.from_numpy(np.empty(nhwc, dtype=np.float32))
-        return out.permute(0, 3, 1, 2)
+        return empty(nhwc, torch.float32, device).permute(0, 3, 1, 2)
 
     def __sklearn_tags__(self):
         tags = super().__sklearn_tags__()

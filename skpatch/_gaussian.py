@@ -19,7 +19,7 @@ import contextlib
 
 import torch
 
-from ._torch_utils import all_finite, gather_last, map_on_cores, single_threaded
+from ._torch_utils import all_finite, empty, gather_last, map_on_cores, single_threaded
 
 
 # Positions per block on a CPU. A block of 32 images x 100 channels is 1.6 MB:
@@ -84,7 +84,7 @@ def chunked_moments(chunks, start=None, index=None):
             d = x.shape[2] if index is None else len(index)
             shift = x.new_empty((x.shape[0], d))
             total = torch.zeros_like(shift)
-            outer = x.new_zeros((x.shape[0], d, d))
+            outer = empty((x.shape[0], d, d), x.dtype, x.device).zero_()
         for positions, block in position_blocks(x, index):
             if first:
                 torch.mean(block, dim=1, out=shift[positions])
@@ -152,7 +152,9 @@ def leave_one_out_sq(sq_distances, count):
 
 def regularized_covariance(scatter, count, epsilon):
     """PaDiM eq. (1): ``scatter / (N - 1) + εI``."""
-    covariance = scatter / (count - 1)
+    covariance = torch.div(
+        scatter, count - 1, out=empty(scatter.shape, scatter.dtype, scatter.device)
+    )
     covariance.diagonal(dim1=-2, dim2=-1).add_(epsilon)  # in place: no (P, d, d) εI
     return covariance
 

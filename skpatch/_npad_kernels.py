@@ -16,7 +16,7 @@ import contextlib
 import torch
 
 from . import _gaussian
-from ._torch_utils import map_on_cores, single_threaded
+from ._torch_utils import empty, map_on_cores, single_threaded
 
 
 def window_offsets(size):
@@ -130,7 +130,7 @@ def weighted_moments(count, mean, scatter, weights, size, budget_bytes=None):
     for k, (dy, dx) in enumerate(offsets):
         (ty, sy), (tx, sx) = _overlap(h, dy), _overlap(w, dx)
         weighted_mean[ty, tx] += weights[ty, tx, k, None] * mean[sy, sx]
-    covariance = torch.zeros_like(scatter)
+    covariance = empty(scatter.shape, scatter.dtype, scatter.device).zero_()
     row_bytes = 2 * w * d * d * scatter.element_size()
     for start, stop in _row_chunks(h, row_bytes, budget_bytes, mean.device):
         block = covariance[start:stop]

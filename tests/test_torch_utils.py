@@ -62,3 +62,31 @@ def test_all_finite_checks_entries_not_the_sum():
     assert not all_finite(x)
     # finite entries whose sum overflows float32
     assert all_finite(torch.full((4,), 3e38))
+
+
+def test_empty_gives_large_cpu_tensors_numpy_memory(monkeypatch):
+    import numpy as np
+
+    from skpatch import _torch_utils
+
+    allocated = []
+    numpy_empty = np.empty
+
+    def recording_empty(shape, dtype):
+        allocated.append((tuple(shape), np.dtype(dtype)))
+        return numpy_empty(shape, dtype)
+
+    monkeypatch.setattr(_torch_utils.np, "empty", recording_empty)
+    large = (2, _torch_utils._HUGE_PAGE_BYTES // 8)  # exactly the threshold in float32
+    for dtype, numpy_dtype in ((torch.float32, np.float32), (torch.float64, np.float64)):
+        allocated.clear()
+        x = _torch_utils.empty(large, dtype, "cpu")
+        assert allocated == [(large, np.dtype(numpy_dtype))]
+        assert x.shape == large and x.dtype == dtype and x.is_contiguous()
+        x.fill_(1.5)  # writable, and a tensor like any other
+        assert float(x.sum()) == 1.5 * x.numel()
+    allocated.clear()
+    small = _torch_utils.empty((2, large[1] - 1), torch.float32, "cpu")
+    half = _torch_utils.empty(large, torch.bfloat16, "cpu")  # not a NumPy dtype
+    assert allocated == []
+    assert small.dtype == torch.float32 and half.dtype == torch.bfloat16

@@ -14,7 +14,7 @@ from .. import _gaussian, _npad_kernels
 from .._embedder import PatchEmbedder
 from .._maps import map_size_tuple, postprocess
 from .._shift import ImageShiftDetector
-from .._torch_utils import gather_last, resolve_device, to_numpy
+from .._torch_utils import empty, gather_last, resolve_device, to_numpy
 from ._base import BaseGaussianDetector, BasePatchDetector
 
 # Patches per block when counting nonzero values on a CPU: the comparison's
@@ -347,7 +347,7 @@ class NPadDetector(BaseGaussianDetector):
         buffer = None
         for batch, x in self._iter_chunks(X, device):
             if buffer is None:  # the first chunk is the largest
-                buffer = x.new_empty((h, w, len(x), len(self.feature_indices_)))
+                buffer = empty((h, w, len(x), len(self.feature_indices_)), x.dtype, x.device)
             chunk = buffer[:, :, : len(x)]
             step = _AGGREGATE_IMAGES if x.device.type == "cpu" else len(x)
             for start in range(0, len(x), step):

@@ -12,7 +12,14 @@ from sklearn.utils._chunking import get_chunk_n_rows
 from sklearn.utils._param_validation import Interval
 
 from .. import _gaussian, _robust
-from .._torch_utils import as_tensor, gather_last, map_on_cores, resolve_device, to_numpy
+from .._torch_utils import (
+    as_tensor,
+    empty,
+    gather_last,
+    map_on_cores,
+    resolve_device,
+    to_numpy,
+)
 from ._base import BaseGaussianDetector, locally_aware_embedder
 
 # Working memory of a chunk of positions in fit on a CPU, about the size of a
@@ -292,7 +299,9 @@ class RobustPaDiMDetector(BaseGaussianDetector):
         chunks = self._position_chunks(x, row_bytes)
         counts, scatters, medians, n_iters = zip(*map_on_cores(chunk_moments, chunks, device))
         self.n_iter_ = max(n_iters)
-        return torch.cat(counts), torch.cat(medians), torch.cat(scatters)
+        # the (P, d, d) scatter in NumPy's memory: see skpatch._torch_utils.empty
+        scatter = empty((x.shape[0], d, d), scatters[0].dtype, scatters[0].device)
+        return torch.cat(counts), torch.cat(medians), torch.cat(scatters, out=scatter)
 
     def _training_scores(self, X, keep, count, device):
         """Image scores of the training images, as ``calibration`` says.
