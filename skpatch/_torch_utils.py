@@ -73,6 +73,17 @@ def as_tensor(array, device, dtype=None):
     return torch.from_numpy(array).to(device)
 
 
+def is_view_on(array, device):
+    """Whether :func:`as_tensor` gives a tensor of ``array`` on ``device`` without a copy."""
+    if torch.is_tensor(array):
+        return array.device == torch.device(device)
+    return (
+        torch.device(device).type == "cpu"
+        and array.flags.writeable
+        and all(stride >= 0 for stride in array.strides)
+    )
+
+
 @contextlib.contextmanager
 def single_threaded():
     """Run torch single-threaded inside the block (restored afterwards).

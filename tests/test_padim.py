@@ -1,4 +1,5 @@
 import pickle
+import warnings
 
 import joblib
 import numpy as np
@@ -131,6 +132,32 @@ def test_partial_fit_streams_to_the_same_model():
     np.testing.assert_array_equal(stream.mean_, clone(full).fit(X[:20]).mean_)
     stream.partial_fit(X[20:])
     np.testing.assert_allclose(stream.scatter_, full.scatter_, rtol=1e-4, atol=1e-3)
+
+
+@pytest.mark.parametrize("read_only", [False, True])
+def test_running_sums_are_cut_by_working_memory_only_when_copied(monkeypatch, read_only):
+    # The sums' chunks of a writeable CPU array are views: a budget that
+    # cuts scoring into single images leaves them whole. A read-only array
+    # (a memmap) is copied chunk by chunk, within the budget.
+    import sklearn
+
+    from skpatch.detectors import _padim
+
+    X = embeddings(n=12)
+    expected = PaDiMDetector(n_features=4, random_state=0).fit(X)
+    X.setflags(write=not read_only)
+    sizes = []
+    chunked_moments = _padim._gaussian.chunked_moments
+
+    def recording(chunks, **kwargs):
+        return chunked_moments((sizes.append(x.shape[1]) or x for x in chunks), **kwargs)
+
+    monkeypatch.setattr(_padim._gaussian, "chunked_moments", recording)
+    with sklearn.config_context(working_memory=1e-4), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "Could not adhere to working_memory")
+        detector = PaDiMDetector(n_features=4, random_state=0).fit(X)
+    assert sizes == ([1] * 12 if read_only else [12])
+    np.testing.assert_allclose(detector.scatter_, expected.scatter_, rtol=1e-5, atol=1e-4)
 
 
 def test_partial_fit_one_image_at_a_time():

@@ -90,3 +90,20 @@ def test_empty_gives_large_cpu_tensors_numpy_memory(monkeypatch):
     half = _torch_utils.empty(large, torch.bfloat16, "cpu")  # not a NumPy dtype
     assert allocated == []
     assert small.dtype == torch.float32 and half.dtype == torch.bfloat16
+
+
+def test_is_view_on_says_when_as_tensor_copies():
+    import numpy as np
+
+    from skpatch._torch_utils import as_tensor, is_view_on
+
+    array = np.zeros((3, 4), np.float32)
+    read_only = array.copy()
+    read_only.setflags(write=False)
+    for a, view in ((array, True), (array[::2], True), (array[::-1], False), (read_only, False),
+                    (torch.zeros(3), True)):
+        assert is_view_on(a, "cpu") is view
+        tensor = as_tensor(a, "cpu")
+        shares = tensor.data_ptr() == (a.data_ptr() if torch.is_tensor(a)
+                                       else a.__array_interface__["data"][0])
+        assert shares is view

@@ -249,16 +249,19 @@ class BasePatchDetector(OutlierMixin, BaseEstimator):
     # Images per scoring chunk, at most (see _iter_chunks).
     _SCORE_CHUNK = 32
 
-    def _iter_chunks(self, X, device, max_rows=None):
+    def _iter_chunks(self, X, device, max_rows=None, row_bytes=None):
         """Yield ``(slice, tensor on device)`` chunks sized by ``sklearn.get_config()['working_memory']``.
 
         At most ``max_rows`` images per chunk (default ``_SCORE_CHUNK``):
         scoring's batched products are efficient from a few dozen images on,
         and larger chunks only add memory. PaDiM's running sums take more
-        (its ``_MOMENT_CHUNK``).
+        (its ``_MOMENT_CHUNK``). ``row_bytes``: the working memory of one
+        image (default :meth:`_bytes_per_image`); 0 sizes the chunks by
+        ``max_rows`` alone.
         """
-        max_rows = self._SCORE_CHUNK if max_rows is None else max_rows
-        chunk = get_chunk_n_rows(row_bytes=self._bytes_per_image(X), max_n_rows=min(len(X), max_rows))
+        max_rows = min(len(X), self._SCORE_CHUNK if max_rows is None else max_rows)
+        row_bytes = self._bytes_per_image(X) if row_bytes is None else row_bytes
+        chunk = get_chunk_n_rows(row_bytes=row_bytes, max_n_rows=max_rows) if row_bytes else max_rows
         for batch in gen_batches(len(X), chunk):
             yield batch, as_tensor(X[batch], device)
 
