@@ -4,6 +4,7 @@ Kept free of estimator code so that every kernel module can import it.
 """
 
 import contextlib
+import math
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 
@@ -159,14 +160,13 @@ def empty(shape, dtype, device):
     each: 62-63 -> 59-60 s), RPaDiM's scatter, N-pad's chunk buffer and
     weighted covariances.
     """
-    numpy_type = {torch.float32: np.float32, torch.float64: np.float64}.get(dtype)
     if (
         torch.device(device).type != "cpu"
-        or numpy_type is None
-        or np.prod(shape, dtype=np.int64) * np.dtype(numpy_type).itemsize < _HUGE_PAGE_BYTES
+        or dtype not in (torch.float32, torch.float64)
+        or math.prod(shape) * dtype.itemsize < _HUGE_PAGE_BYTES
     ):
         return torch.empty(shape, dtype=dtype, device=device)
-    return torch.from_numpy(np.empty(shape, dtype=numpy_type))
+    return torch.from_numpy(np.empty(shape, dtype=numpy_dtype(dtype)))
 
 
 def all_finite(x):

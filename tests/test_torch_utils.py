@@ -1,9 +1,11 @@
 import threading
 
+import numpy as np
 import pytest
 import torch
 
-from skpatch._torch_utils import all_finite, map_on_cores
+from skpatch import _torch_utils
+from skpatch._torch_utils import all_finite, as_tensor, is_view_on, map_on_cores
 
 
 @pytest.fixture
@@ -65,10 +67,6 @@ def test_all_finite_checks_entries_not_the_sum():
 
 
 def test_empty_gives_large_cpu_tensors_numpy_memory(monkeypatch):
-    import numpy as np
-
-    from skpatch import _torch_utils
-
     allocated = []
     numpy_empty = np.empty
 
@@ -93,10 +91,6 @@ def test_empty_gives_large_cpu_tensors_numpy_memory(monkeypatch):
 
 
 def test_is_view_on_says_when_as_tensor_copies():
-    import numpy as np
-
-    from skpatch._torch_utils import as_tensor, is_view_on
-
     array = np.zeros((3, 4), np.float32)
     read_only = array.copy()
     read_only.setflags(write=False)
