@@ -160,6 +160,31 @@ def test_running_sums_are_cut_by_working_memory_only_when_copied(monkeypatch, re
     np.testing.assert_allclose(detector.scatter_, expected.scatter_, rtol=1e-5, atol=1e-4)
 
 
+@pytest.mark.parametrize("read_only", [False, True])
+def test_scoring_chunks_count_only_what_a_cpu_holds(read_only):
+    # On a CPU the whitening goes a block of positions at a time: a budget
+    # far below 4 P d values per image still scores a writeable array in one
+    # chunk. A read-only array (a memmap) is copied chunk by chunk: more
+    # chunks under the same budget. The scores are the same either way.
+    import sklearn
+
+    X = embeddings(n=12, c=50, h=16, w=16)  # 256 positions: two blocks of 128
+    detector = PaDiMDetector(n_features=50, map_size=None, random_state=0).fit(X)
+    expected = detector.score_samples(X)
+    X.setflags(write=not read_only)
+    sizes = []
+    image_scores = detector._image_scores
+    detector._image_scores = lambda x, *args: sizes.append(len(x)) or image_scores(x, *args)
+    # 60 kB per image: a fifth of 4 P d float32 values
+    with sklearn.config_context(working_memory=12 * 60_000 / 2**20):
+        scores = detector.score_samples(X)
+    if read_only:
+        assert 1 < len(sizes) and sum(sizes) == 12
+    else:
+        assert sizes == [12]
+    assert_allclose(scores, expected, rtol=1e-6)
+
+
 def test_partial_fit_one_image_at_a_time():
     X = embeddings(n=6)
     det = PaDiMDetector(map_size=None)

@@ -32,6 +32,7 @@ from .._torch_utils import (
     all_finite,
     as_tensor,
     cpu_fallback_state,
+    is_view_on,
     numpy_dtype,
     oom_advice,
     resolve_device,
@@ -242,9 +243,24 @@ class BasePatchDetector(OutlierMixin, BaseEstimator):
             )
 
     # ------------------------------------------------------------------ chunks
-    def _bytes_per_image(self, X):
-        """Working memory one image needs while scored (override for heavier methods)."""
+    def _bytes_per_image(self, X, device):
+        """Working memory one image needs while scored on ``device`` (override for heavier methods)."""
         return 4 * math.prod(X.shape[1:]) * X.itemsize
+
+    @staticmethod
+    def _copy_bytes(X, device, dtype=None):
+        """Bytes per image of the copies a chunk of ``X`` costs: to ``device`` and to ``dtype``.
+
+        :func:`as_tensor` copies unless ``X`` can be viewed on ``device``
+        (:func:`is_view_on`); ``x.to(dtype)`` copies unless ``dtype`` is
+        None or already ``X``'s.
+        """
+        in_dtype = as_tensor(X[:0], "cpu").dtype
+        n_values = math.prod(X.shape[1:])
+        copied = 0 if is_view_on(X, device) else n_values * in_dtype.itemsize
+        if dtype not in (None, in_dtype):
+            copied += n_values * dtype.itemsize
+        return copied
 
     # Images per scoring chunk, at most (see _iter_chunks).
     _SCORE_CHUNK = 32
@@ -260,7 +276,7 @@ class BasePatchDetector(OutlierMixin, BaseEstimator):
         ``max_rows`` alone.
         """
         max_rows = min(len(X), self._SCORE_CHUNK if max_rows is None else max_rows)
-        row_bytes = self._bytes_per_image(X) if row_bytes is None else row_bytes
+        row_bytes = self._bytes_per_image(X, device) if row_bytes is None else row_bytes
         chunk = get_chunk_n_rows(row_bytes=row_bytes, max_n_rows=max_rows) if row_bytes else max_rows
         for batch in gen_batches(len(X), chunk):
             yield batch, as_tensor(X[batch], device)
@@ -466,10 +482,21 @@ class BaseGaussianDetector(BasePatchDetector):
         """The selected channels (``feature_indices_``) as a tensor on ``device``."""
         return torch.as_tensor(self.feature_indices_, device=device)
 
-    def _bytes_per_image(self, X):
+    def _bytes_per_image(self, X, device):
+        # The chunk's copies; the whitened channels of a block of positions
+        # and their product (position_blocks: a block of _POSITION_BLOCK on a
+        # CPU, every position on a GPU); the distances and their grid; the
+        # maps. 4 P d values per image cut 64 test images of Wide-ResNet-50-2
+        # at Rd 550 in two chunks on a CPU, each a pass over the 3.8 GB of
+        # precision factors: 1.26-1.35 s against 1.14-1.19 s in one.
+        dtype = as_tensor(getattr(self, self._scoring_state[0])[:0], "cpu").dtype
         n_positions = X.shape[2] * X.shape[3]
-        n_selected = len(self.feature_indices_)
-        return 4 * n_positions * n_selected * X.itemsize
+        blocked = n_positions
+        if torch.device(device).type == "cpu":
+            blocked = min(n_positions, _gaussian._POSITION_BLOCK)
+        map_values = math.prod(map_size_tuple(self.map_size) or self.grid_shape_)
+        n_values = 2 * blocked * len(self.feature_indices_) + 2 * n_positions + 2 * map_values
+        return self._copy_bytes(X, device, dtype) + n_values * dtype.itemsize
 
     def _whitening(self, moments):
         """``(center, precision Cholesky factor)`` of ``(count, center, scatter)``.

@@ -448,7 +448,7 @@ class NPadDetector(BaseGaussianDetector):
     # ------------------------------------------------------------------ scoring
     _scoring_state = ("weighted_mean_", "weighted_precision_cholesky_")
 
-    def _bytes_per_image(self, X):
+    def _bytes_per_image(self, X, device):
         n_positions = X.shape[2] * X.shape[3]
         n_selected = len(getattr(self, "feature_indices_", range(X.shape[1])))
         return 8 * n_positions * n_selected * X.itemsize

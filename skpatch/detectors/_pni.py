@@ -565,7 +565,7 @@ class PNIDetector(BasePatchDetector):
         return own.reshape(n_images, n_dist, n_positions).transpose(1, 2)
 
     # ------------------------------------------------------------------ scoring
-    def _bytes_per_image(self, X):
+    def _bytes_per_image(self, X, device):
         n_positions = X.shape[2] * X.shape[3]
         n_inputs = X.shape[1] * self.neighborhood_size**2
         widths = n_inputs + self.mlp_width + 3 * self.n_dist_ + 3 * len(self.embedding_coreset_)
@@ -704,7 +704,7 @@ class PNIDetector(BasePatchDetector):
         scores = self._empty_scores(X)
         n_emb = len(self.embedding_coreset_)
         sources = torch.as_tensor(sources)
-        row_bytes = self._bytes_per_image(X) + 4 * X.shape[2] * X.shape[3] * self.n_dist_
+        row_bytes = self._bytes_per_image(X, device) + 4 * X.shape[2] * X.shape[3] * self.n_dist_
         chunk = get_chunk_n_rows(row_bytes=row_bytes, max_n_rows=min(len(X), 32))
         for batch in gen_batches(len(X), chunk):
             x = as_tensor(X[batch], device)
