@@ -135,24 +135,40 @@ def _pil_array(image):
     return np.asarray(image.convert("RGB"))
 
 
-def _decode(item):
-    """A path, PIL image or array -> float tensor (3, H, W)."""
+def image_array(item):
+    """A path, PIL image or array -> the image array ``(H, W[, C])`` the embedder reads.
+
+    PIL images (opened from a path or given) are decoded by
+    :func:`_pil_array`: 8-bit modes (palette, CMYK, grayscale...) as RGB,
+    16-bit ones scaled to [0, 1].
+    """
     if isinstance(item, (str, os.PathLike)):
         from PIL import Image
 
         try:
             with Image.open(item) as image:
-                return _to_float_chw(_pil_array(image))
+                return _pil_array(image)
         except (OSError, ValueError) as exc:
             raise ValueError(f"could not read image file {os.fspath(item)!r}: {exc}") from exc
-    elif hasattr(item, "convert") and hasattr(item, "size"):  # a PIL image
-        item = _pil_array(item)
-    elif not isinstance(item, (np.ndarray, list, tuple)) and not hasattr(item, "__array__"):
+    if hasattr(item, "convert") and hasattr(item, "size"):  # a PIL image
+        return _pil_array(item)
+    if not isinstance(item, (np.ndarray, list, tuple)) and not hasattr(item, "__array__"):
         raise TypeError(
             f"an item of X of type {type(item).__name__} is not an image: a sequence X "
             "must hold file paths, PIL images or arrays (H, W[, 3])."
         )
-    return _to_float_chw(np.asarray(item))
+    return np.asarray(item)
+
+
+def _decode(item):
+    """A path, PIL image or array -> float tensor (3, H, W)."""
+    array = image_array(item)
+    if not isinstance(item, (str, os.PathLike)):
+        return _to_float_chw(array)
+    try:
+        return _to_float_chw(array)
+    except ValueError as exc:
+        raise ValueError(f"could not read image file {os.fspath(item)!r}: {exc}") from exc
 
 
 def _resize_size(height, width, image_size):

@@ -1,6 +1,5 @@
 """Image shifting (N-pad §3.4, eq. 15): score shifted copies of each test image."""
 
-import os
 from numbers import Integral
 
 import numpy as np
@@ -12,18 +11,15 @@ from sklearn.utils._param_validation import HasMethods, Interval
 from sklearn.utils.validation import check_is_fitted
 
 from ._compose import _split
+from ._images import image_array
 from ._maps import map_size_tuple
 
 
 def _as_image_array(X):
     """Images as one array ``(n, H, W[, 3])``; lists of equal-size images are stacked."""
     if isinstance(X, (list, tuple)):
-        from PIL import Image
-
-        images = [
-            np.asarray(Image.open(x)) if isinstance(x, (str, os.PathLike)) else np.asarray(x)
-            for x in X
-        ]
+        # decoded as PatchEmbedder decodes them (palette, CMYK, 16-bit...)
+        images = [image_array(x) for x in X]
         if len({im.shape for im in images}) > 1:
             raise ValueError(
                 "ImageShiftDetector shifts images of one size; the images of X have "

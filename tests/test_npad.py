@@ -338,6 +338,26 @@ def test_image_shift_pipeline_maps_scores_persistence(images, npad_model, tmp_pa
     np.testing.assert_array_equal(joblib.load(path).score_samples(test), scores)
 
 
+@pytest.mark.parametrize("mode", ["P", "I;16"])
+def test_image_shift_decodes_files_as_the_embedder(images, npad_model, tmp_path, mode):
+    # Palette images are colours, not palette indices; 16-bit ones are
+    # scaled to [0, 1]: scoring the files must equal scoring the pipeline's
+    # own decoding of them (which fit used).
+    from PIL import Image
+
+    paths = []
+    for i, image in enumerate(images[:4]):
+        pil = Image.fromarray(image).convert("RGB").quantize(16) if mode == "P" else (
+            Image.fromarray(image.astype(np.uint16) * 257)
+        )
+        paths.append(tmp_path / f"{i}.png")
+        pil.save(paths[-1])
+    model = ImageShiftDetector(npad_model.estimator, max_shift=0).fit(images)
+    np.testing.assert_allclose(
+        model.score_samples(paths), model.estimator_.score_samples(paths), rtol=1e-5
+    )
+
+
 def test_small_batches_score_several_shifts_per_call(images, npad_model, monkeypatch):
     model = npad_model.fit(images)
     test = images[:3]
