@@ -25,10 +25,11 @@ def expected_failed_checks(estimator):
     """scikit-learn common checks a Gaussian detector is expected to fail, with the reason."""
     if estimator.calibration == "in-sample":
         return {}
-    # offset_ is the contamination quantile of leave-one-out training scores,
-    # so predict on the training set itself flags fewer than contamination
-    # (by design; see the calibration docstring).
-    reason = "offset_ from leave-one-out scores, not in-sample ones"
+    # offset_ is the contamination quantile of leave-one-out (N-pad:
+    # cross-fitted) training scores, so predict on the training set itself
+    # flags fewer than contamination (by design; see the calibration
+    # docstring).
+    reason = "offset_ from out-of-sample scores, not in-sample ones"
     return {"check_outliers_train": reason, "check_outliers_fit_predict": reason}
 
 

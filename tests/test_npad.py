@@ -1,6 +1,7 @@
 import joblib
 import numpy as np
 import pytest
+import torch
 from sklearn.base import BaseEstimator, OutlierMixin
 from sklearn.model_selection import GridSearchCV
 from sklearn.pipeline import make_pipeline
@@ -17,6 +18,8 @@ from skpatch import (
 )
 from skpatch._shift import shift_images, translate_maps
 from skpatch.metrics import image_auroc_scorer
+
+from _common import expected_failed_checks
 
 
 def embeddings(n=40, c=5, h=4, w=5, seed=0, dtype=np.float64):
@@ -82,7 +85,9 @@ def mahalanobis(x, mean, cov):
         NPadDetector(n_features=None, map_size=8),
         NPadDetector(n_features=1, feature_selection="random", random_state=0, top_k=3),
         NPadDetector(n_features=None, distributions="weighted", image_score="max"),
+        NPadDetector(n_features=None, map_size=8, calibration="in-sample"),
     ],
+    expected_failed_checks=expected_failed_checks,
 )
 def test_sklearn_compatible_on_2d_input(estimator, check):
     check(estimator)
@@ -203,12 +208,59 @@ def test_kmeans_budget_and_ratio():
 
 def test_outlier_interface_flags_shifted_images():
     X = embeddings(n=60, dtype=np.float32)
-    det = NPadDetector(n_features=None, map_size=None, random_state=0).fit(X)
+    det = NPadDetector(n_features=None, map_size=None, calibration="in-sample",
+                       random_state=0).fit(X)
     assert (det.predict(X) == -1).sum() == 6  # in-sample contamination quantile
     np.testing.assert_allclose(det.decision_function(X), det.score_samples(X) - det.offset_)
     outliers = X[:5] + 5
     assert det.score_samples(outliers).max() < det.score_samples(X).min()
     assert (det.predict(outliers) == -1).all()
+
+
+def test_cross_fitted_offset_flags_about_contamination_of_new_images():
+    # In-sample scores are optimistic (each training image is part of the
+    # model): their threshold flags most new normal images. Scored by
+    # detectors fitted without them, the training images give a threshold
+    # near the contamination; the model itself is the same.
+    X = embeddings(n=60, c=8, seed=0, dtype=np.float32)
+    new = embeddings(n=400, c=8, seed=0, dtype=np.float32)[60:]  # same mixing, new draws
+    params = dict(n_features=None, map_size=None, kmeans_ratio=0.5, random_state=0)
+    in_sample = NPadDetector(calibration="in-sample", **params).fit(X)
+    cross = NPadDetector(**params).fit(X)
+    assert cross.calibration == "cross-fit"
+    np.testing.assert_array_equal(cross.score_samples(new), in_sample.score_samples(new))
+    assert cross.offset_ < in_sample.offset_
+    flagged_in_sample = np.mean(in_sample.predict(new) == -1)
+    flagged_cross = np.mean(cross.predict(new) == -1)
+    assert flagged_in_sample > 0.3 and flagged_cross < 0.2
+
+
+def test_cross_fitted_offset_is_the_folds_out_of_fold_quantile(monkeypatch):
+    from skpatch.detectors import _npad
+
+    monkeypatch.setattr(_npad, "_CALIBRATION_FOLDS", 3)
+    X = embeddings(n=12, dtype=np.float32)
+    det = NPadDetector(n_features=4, map_size=None, random_state=0).fit(X)
+    # the same folds, drawn after the model's own fit from the same generator
+    cpu = torch.device("cpu")
+    rng = np.random.RandomState(0)
+
+    def detector():
+        model = NPadDetector(n_features=4, map_size=None, random_state=rng)
+        model.n_features_in_, model.grid_shape_ = X.shape[1], X.shape[2:]
+        return model
+
+    detector()._fit_model(X, cpu, rng)  # the model's own draws
+    scores = np.empty(len(X))
+    for held_out in np.array_split(rng.permutation(len(X)), 3):
+        held_out = np.sort(held_out)
+        fold = detector()
+        fold._fit_model(np.delete(X, held_out, axis=0), cpu, rng, channels=det.feature_indices_)
+        scores[held_out] = fold.score_samples(X[held_out])
+    np.testing.assert_allclose(det.offset_, np.percentile(scores, 10), rtol=1e-5)
+    # fewer than 3 images: in-sample
+    two = NPadDetector(n_features=4, map_size=None, random_state=0).fit(X[:2])
+    np.testing.assert_allclose(two.offset_, np.percentile(two.score_samples(X[:2]), 10))
 
 
 def test_clear_errors():
