@@ -339,6 +339,27 @@ def test_fit_in_batches_and_anomaly_map_reject_wrong_estimators(images):
         fit_in_batches(EllipticEnvelope(), images)
 
 
+def test_pickling_leaves_the_detector_as_it_was():
+    # object.__getstate__ returns the live __dict__ (Python >= 3.11): the
+    # keys the saved state drops must not be dropped from the detector,
+    # whose stream (running sums, calibration sample) goes on after a save.
+    X = embeddings(n=30)
+    streamed = PaDiMDetector(n_features=4, map_size=None, random_state=0)
+    unsaved = clone(streamed)
+    for start in range(0, 30, 10):
+        streamed.partial_fit(X[start:start + 10])
+        unsaved.partial_fit(X[start:start + 10])
+        keys = set(streamed.__dict__)
+        pickle.dumps(streamed)  # may cache offset_, computed for the saved state
+        assert keys <= set(streamed.__dict__)
+    assert streamed.offset_ == unsaved.offset_
+    fitted = PaDiMDetector(n_features=4, map_size=None, random_state=0).fit(X)
+    fitted.precision_cholesky_
+    keys = set(fitted.__dict__)
+    pickle.dumps(fitted)
+    assert set(fitted.__dict__) == keys
+
+
 def test_image_size_mismatch_between_fit_and_predict(images):
     pipe = make_pipeline(
         PatchEmbedder(weights=None, image_size=None, crop_size=None),

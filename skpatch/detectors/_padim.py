@@ -365,7 +365,8 @@ class PaDiMDetector(BaseGaussianDetector):
     def __getstate__(self):
         if "_running" in self.__dict__:
             self.mean_, self.scatter_  # noqa: B018 (copied to the host now)
-        state = super().__getstate__()
+        # a copy: object.__getstate__ returns the live __dict__ (Python 3.11+)
+        state = dict(super().__getstate__())
         state.pop("_running", None)
         if "scatter_" in state:
             state.pop("precision_cholesky_", None)
