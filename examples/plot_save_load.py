@@ -95,8 +95,9 @@ plt.show()
 # Safer formats and the command line
 # ----------------------------------
 # :func:`joblib.load` runs pickle, which can execute code: load only files
-# you trust. `skops <https://skops.readthedocs.io>`_ (``pip install
-# skpatch[skops]``) saves the same pipeline in a format that is inspected
+# you trust. `skops <https://skops.readthedocs.io>`_ (``pip install skops``,
+# or the ``skops`` extra: ``pip install -e '.[skops]'`` in the clone of
+# skpatch) saves the same pipeline in a format that is inspected
 # before anything is loaded (``skops.io.dump(pipe, "padim.skops")``, then
 # ``skops.io.get_untrusted_types`` and ``skops.io.load``); the user guide
 # page on model persistence covers it.
