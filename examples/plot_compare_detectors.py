@@ -81,11 +81,11 @@ print(f"train: {len(X_train)} good cells; test: {n} good + {n} painted cells")
 #
 # N-pad runs *without* image shifting (``max_shift=0``). Shifting (its
 # module D) scores each test image at every shift of up to 2 pixels, 25
-# forward passes instead of one (predict about 25 times slower). In
-# :ref:`benchmarks` it gains nothing on synthetic defects (image AUROC 0.949
-# with, 0.953 without), though it helps on ELPV's real defects (0.920
-# against 0.893): keep it when the parts are not aligned, and when predict
-# time allows. Each map is upsampled
+# forward passes instead of one (predict 28 to 31 times slower per image in
+# :ref:`benchmarks`). Its rows there are scored on 100 test images, easier
+# than the full split, so they do not compare with the rows without
+# shifting; :ref:`npad` compares both on the same images. Keep it when the
+# parts are not aligned, and when predict time allows. Each map is upsampled
 # to 300 x 300 (``map_size=300``), the size of the images and masks. PaDiM
 # and RPaDiM keep 40 random channels (``n_features``; 100 is the usual
 # choice), so that 40 training cells, fewer after RPaDiM's denoising, are

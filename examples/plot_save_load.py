@@ -62,11 +62,13 @@ for name in ("mean_", "precision_cholesky_", "scatter_"):
 
 # %%
 # ``mean_`` and ``precision_cholesky_`` (one Gaussian per patch position:
-# 32 x 32 positions at this image size) are what scoring needs;
-# ``scatter_`` is kept so that :meth:`~skpatch.PaDiMDetector.partial_fit`
-# can continue with more images after loading. The size grows with the
-# number of positions times ``n_features`` squared: at 224 x 224 pixels
-# (56 x 56 positions) and ``n_features=100``, about 250 MB.
+# 32 x 32 positions at this image size) are what scoring needs. The file
+# holds ``mean_`` and ``scatter_`` only: ``precision_cholesky_`` is computed
+# again from ``scatter_`` on first use after loading, and ``scatter_`` lets
+# :meth:`~skpatch.PaDiMDetector.partial_fit` continue with more images. The
+# size grows with the number of positions times ``n_features`` squared: at
+# 224 x 224 pixels (56 x 56 positions) and ``n_features=100``, about
+# 127 MB.
 
 # %%
 # Load it and score
@@ -93,8 +95,9 @@ plt.show()
 # Safer formats and the command line
 # ----------------------------------
 # :func:`joblib.load` runs pickle, which can execute code: load only files
-# you trust. `skops <https://skops.readthedocs.io>`_ (``pip install
-# skpatch[skops]``) saves the same pipeline in a format that is inspected
+# you trust. `skops <https://skops.readthedocs.io>`_ (``pip install skops``,
+# or the ``skops`` extra: ``pip install -e '.[skops]'`` in the clone of
+# skpatch) saves the same pipeline in a format that is inspected
 # before anything is loaded (``skops.io.dump(pipe, "padim.skops")``, then
 # ``skops.io.get_untrusted_types`` and ``skops.io.load``); the user guide
 # page on model persistence covers it.

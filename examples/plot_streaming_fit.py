@@ -51,9 +51,10 @@ print(f"{len(paths)} PNG files in {folder}")
 # Fit in batches, and watch the memory
 # ------------------------------------
 # A list of paths is read batch by batch, never all at once.
-# ``fit_in_batches`` needs a detector with ``partial_fit``: PaDiM has one;
-# the detectors that must see every training image together (RPaDiM's LOF,
-# PatchCore's coreset) do not. While it runs, a background thread samples
+# ``fit_in_batches`` needs a detector with ``partial_fit``: PaDiM and
+# PatchCore have one (PatchCore without ``denoising="lof"``); the
+# detectors that must see every training image together (RPaDiM's LOF,
+# for instance) do not. While it runs, a background thread samples
 # the memory held by NumPy arrays and Python objects (:mod:`tracemalloc`):
 # the decoded images and their embeddings, what would grow if the data
 # were kept. (The model's statistics live in arrays of a fixed size, made
@@ -115,7 +116,11 @@ plt.show()
 # The streamed model is the fitted model: the statistics are exact running
 # sums (a batched update of the mean and scatter), so ``partial_fit`` over
 # the batches gives the same Gaussians as ``fit`` on every image at once,
-# up to float rounding. Only ``offset_`` can differ slightly: each batch is
-# scored by the model as it was after that batch (see
-# :class:`~skpatch.PaDiMDetector`). The command line streams the same way:
-# ``skpatch fit --normal FOLDER --out model.joblib`` (see :ref:`command_line`).
+# up to float rounding. Only ``offset_`` can differ: it is the
+# ``contamination`` quantile of the scores of a uniform sample of at most
+# 32 of the images, scored by the final model once all batches are in,
+# instead of the scores of every image (see
+# :class:`~skpatch.PaDiMDetector`). The command line streams the same way
+# when the embeddings of all images would take more than 2 GiB, or always
+# with ``skpatch fit --normal FOLDER --out model.joblib --stream always``
+# (see :ref:`command_line`).

@@ -102,7 +102,9 @@ class AnomalyMapRefiner(MetaEstimatorMixin, OutlierMixin, BaseEstimator):
     wrapped detector and returns a refined map, trained on synthetic defects
     made from the normal training images (CutPaste, CutPaste-scar and
     DRAEM-like defects, see :func:`skpatch.datasets.make_synthetic_defects`)
-    with the loss ``(ℓ_reg + ℓ_grad) / 2`` (see :func:`refinement_loss`).
+    with the loss ``(ℓ_reg + ℓ_grad) / 2``: ``ℓ_reg`` compares the refined
+    map with the defect mask, ``ℓ_grad`` their finite-difference gradients
+    (see :ref:`pni`).
 
     The network needs the images, which a detector inside a pipeline never
     sees, so this meta-estimator wraps the whole pipeline: ``fit`` fits a

@@ -7,8 +7,8 @@
 
 ``fit`` builds the pipeline ``PatchEmbedder -> detector`` from the options,
 fits it on the images of the ``--normal`` folders (streamed batch by batch
-through :func:`skpatch.fit_in_batches` when the detector has
-``partial_fit``) and saves it with :func:`joblib.dump`: the model file is an
+through :func:`skpatch.fit_in_batches` when the detector can stream and
+``--stream`` asks for it) and saves it with :func:`joblib.dump`: the model file is an
 ordinary scikit-learn :class:`~sklearn.pipeline.Pipeline` that Python code
 loads with :func:`joblib.load`. ``score`` loads such a file and writes one
 anomaly score and label per image, and optionally one heat-map PNG per image.
@@ -330,10 +330,10 @@ def build_parser():
     fit.add_argument(
         "--stream", choices=["auto", "always", "never"], default="auto",
         help="fit batch by batch with partial_fit (memory does not grow with the number "
-        "of images; PaDiM only): always, never, or auto, which streams when the "
-        "embeddings of all images would take more than 2 GiB. Streaming calibrates the "
-        "threshold (offset_) on each batch as it arrives, less exactly than a fit on all "
-        "images at once",
+        "of images; padim, and patchcore without denoising): always, never, or auto, "
+        "which streams when the embeddings of all images would take more than 2 GiB. "
+        "A streamed fit sets the threshold (offset_) from a sample of at most 32 of "
+        "the images, scored by the final model, instead of from every image",
     )
     fit.add_argument(
         "--random-state", type=int, default=0, metavar="SEED",

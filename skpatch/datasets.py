@@ -581,7 +581,7 @@ def load_elpv(cell_type="all"):
     2,624 cells of 300 x 300 pixels, 8-bit grayscale, each with a defect
     probability in {0, 1/3, 2/3, 1} and the type of its module ('mono' or
     'poly'). The data come with the PyPI package ``elpv-dataset``
-    (``pip install elpv-dataset``, or ``pip install 'skpatch[examples]'``) and
+    (``pip install elpv-dataset``, or the ``examples`` extra of skpatch) and
     are licensed CC BY-NC-SA 4.0; see ``DESCR`` for the citation.
 
     Parameters
