@@ -156,9 +156,9 @@ class NPadDetector(BaseGaussianDetector):
     calibration : {"cross-fit", "in-sample"}, default="cross-fit"
         How the training images are scored for ``offset_``:
         ``"cross-fit"`` scores each of 5 folds of them with a detector
-        fitted on the other 4 (see Notes), at about 4 more fits' cost;
-        ``"in-sample"`` with this detector, whose scores of its own
-        training images are optimistic.
+        fitted on the other 4 (see Notes), at the cost of 5 more fits on
+        4/5 of the images; ``"in-sample"`` with this detector, whose scores
+        of its own training images are optimistic.
     random_state : int, RandomState instance or None, default=None
         Seeds the channel selection (ties or random subset), the features
         clustered and the k-means initialization.
@@ -233,9 +233,9 @@ class NPadDetector(BaseGaussianDetector):
     in-sample threshold flagged 45 % of the normal test images for
     ``contamination=0.1``, the cross-fitted one 9 %; the fit took 3.0 s
     and 14.6 s on embeddings (2 CPU threads). The folds' fits read the
-    embeddings a chunk at a time (no copy of them). ``"in-sample"`` saves
-    that work where only the scores matter
-    (ranking, AUROC, a grid search scored by them).
+    embeddings a chunk at a time (no copy of them), while the model holds
+    its own two ``(P, d, d)`` factors. ``"in-sample"`` saves that work where
+    only the scores matter (ranking, AUROC, a grid search scored by them).
 
     **Cost.** With ``P = h x w`` positions, ``d`` channels and windows of
     ``K_p = (2 (p // 2) + 1)²`` and ``K_q`` offsets: fit costs PaDiM's sums
