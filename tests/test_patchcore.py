@@ -253,9 +253,16 @@ def test_partial_fit_persistence(tmp_path):
     X = embeddings(n=40)
     det = _stream(PatchCoreDetector(0.1, max_patches=200, random_state=0, map_size=None), X, 8)
     path = tmp_path / "pc.joblib"
+    unsaved = _stream(PatchCoreDetector(0.1, max_patches=200, random_state=0, map_size=None), X, 8)
     joblib.dump(det, path)  # selects the coreset first: the file holds the bank, not the store
     loaded = joblib.load(path)
     assert not hasattr(loaded, "_store") and loaded.memory_bank_.shape == (20, 6)
+    # the saved detector's own stream is left as it was: a checkpoint changes nothing
+    assert "_store" in det.__dict__
+    det.partial_fit(X[:4])
+    unsaved.partial_fit(X[:4])
+    np.testing.assert_array_equal(det.memory_bank_, unsaved.memory_bank_)
+    det = _stream(PatchCoreDetector(0.1, max_patches=200, random_state=0, map_size=None), X, 8)
     np.testing.assert_array_equal(loaded.score_samples(X[:5]), det.score_samples(X[:5]))
     assert loaded.offset_ == det.offset_
     # a later partial_fit continues from the bank

@@ -512,9 +512,14 @@ class PatchCoreDetector(BasePatchDetector):
         raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
 
     def __getstate__(self):
-        if "_store" in self.__dict__:
-            self._finalize()  # save the coreset, not the store
-        return super().__getstate__()
+        if "_store" not in self.__dict__:
+            return super().__getstate__()
+        # Save the coreset, not the store, selected on a shallow copy: this
+        # detector's stream may go on after a checkpoint, from its store.
+        finalized = object.__new__(type(self))
+        finalized.__dict__.update(self.__dict__)
+        finalized._finalize()
+        return finalized.__getstate__()
 
     # ------------------------------------------------------------------ scoring
     def _bank(self, device):
