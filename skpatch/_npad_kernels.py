@@ -26,7 +26,13 @@ def window_offsets(size):
 
 
 def _overlap(n, offset):
-    """Slices ``(target, source)`` of an axis of length ``n``: ``target + offset = source``."""
+    """Slices ``(target, source)`` of an axis of length ``n``: ``target + offset = source``.
+
+    Empty when ``|offset| >= n`` (a window wider than the grid): no position
+    has a neighbour there.
+    """
+    if abs(offset) >= n:
+        return slice(0, 0), slice(0, 0)
     if offset >= 0:
         return slice(0, n - offset), slice(offset, n)
     return slice(-offset, n), slice(0, n + offset)

@@ -263,6 +263,19 @@ def test_cross_fitted_offset_is_the_folds_out_of_fold_quantile(monkeypatch):
     np.testing.assert_allclose(two.offset_, np.percentile(two.score_samples(X[:2]), 10))
 
 
+@pytest.mark.parametrize("p, q", [(11, 2), (3, 11), (9, 9)])
+def test_windows_wider_than_the_grid_have_no_neighbours_beyond_it(p, q):
+    # On a 4 x 4 grid a window of radius 3 (size 7) reaches every position:
+    # a wider one adds offsets with no neighbour at all (eq. 1's window
+    # outside the grid does not exist).
+    X = embeddings(n=8, h=4, w=4, dtype=np.float32)
+    params = dict(n_features=None, map_size=None, calibration="in-sample", random_state=0)
+    wide = NPadDetector(p=p, q=q, **params).fit(X)
+    clipped = NPadDetector(p=min(p, 7), q=min(q, 7), **params).fit(X)
+    np.testing.assert_allclose(wide.score_samples(X), clipped.score_samples(X), rtol=1e-5)
+    np.testing.assert_allclose(wide.anomaly_map(X), clipped.anomaly_map(X), rtol=1e-5, atol=1e-6)
+
+
 def test_clear_errors():
     X = embeddings(dtype=np.float32)
     with pytest.raises(ValueError, match="n_features=100 exceeds the 5 channels"):

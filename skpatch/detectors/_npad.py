@@ -214,7 +214,9 @@ class NPadDetector(BaseGaussianDetector):
 
     **Borders.** Neighbours outside the grid do not exist: they get no
     weight in eq. (6), no place in the minimum of eq. (9), and the averages
-    of eq. (7) are over the in-grid neighbours.
+    of eq. (7) are over the in-grid neighbours. So a window wider than the
+    grid (``p`` or ``q`` above ``2 max(h, w) - 1``) acts as the widest one
+    that fits.
 
     **2-D input** ``(n, d)`` is a grid of one patch: A is PaDiM's Gaussian
     (``m' = 1``), B the same Gaussian, the patch score their Mahalanobis
