@@ -175,6 +175,17 @@ _LAPACK_BLOCK = 25
 _FACTOR_CHUNK_BYTES = 8 * 2**20
 
 
+def check_finite_covariance(covariance):
+    """Raise if ``covariance`` has an infinite or NaN entry (the embeddings overflowed)."""
+    if not all_finite(covariance):
+        # Squares of embeddings beyond ~1e19 overflow float32 (1e154 for float64).
+        advice = "" if covariance.dtype == torch.float64 else ", or cast them to float64"
+        raise ValueError(
+            f"the covariances overflow {str(covariance.dtype).replace('torch.', '')} "
+            f"(infinite or NaN entries): the embeddings are too large; rescale them{advice}."
+        )
+
+
 def precision_cholesky(covariance, overwrite=False):
     """Upper-triangular ``U`` with ``Σ⁻¹ = U Uᵀ`` for every position (batched).
 
@@ -200,13 +211,7 @@ def precision_cholesky(covariance, overwrite=False):
         instead of a copy: saves a ``(P, d, d)`` array, whose first touch
         alone costs as much as the products on a CPU.
     """
-    if not all_finite(covariance):
-        # Squares of embeddings beyond ~1e19 overflow float32 (1e154 for float64).
-        raise ValueError(
-            f"the covariances overflow {str(covariance.dtype).replace('torch.', '')} "
-            "(infinite or NaN entries): the embeddings are too large; rescale them, or "
-            "cast them to float64."
-        )
+    check_finite_covariance(covariance)
     largest = covariance.diagonal(dim1=-2, dim2=-1).amax(dim=-1)  # for the error below
     factor = covariance if overwrite else covariance.clone()
     block = _LAPACK_BLOCK if covariance.device.type == "cpu" else covariance.shape[-1]

@@ -9,6 +9,7 @@ import warnings
 
 import numpy as np
 import pytest
+from sklearn.base import clone
 from sklearn.pipeline import make_pipeline
 
 from skpatch.detectors import BaseGaussianDetector
@@ -126,6 +127,14 @@ def test_overflowing_training_embeddings_never_give_a_nan_threshold(name):
     try:
         quiet_fit(detector, X * np.float32(1e30))
     except ValueError as exc:
-        assert "overflow" in str(exc) or "epsilon" in str(exc)
+        assert "overflow" in str(exc) and "cast them to float64" in str(exc)
+    else:
+        assert not np.isnan(detector.offset_)
+    # float64 overflows too (squares beyond about 1e308): casting is no advice then
+    try:
+        quiet_fit(clone(detector), X.astype(np.float64) * 1e200)
+    except ValueError as exc:
+        assert "overflow" in str(exc) and "float64" in str(exc)
+        assert "cast them to float64" not in str(exc)
     else:
         assert not np.isnan(detector.offset_)

@@ -51,6 +51,13 @@ _OOM_METHODS = (
 _DEVICE_COPIES = weakref.WeakKeyDictionary()
 
 
+def _overflow_advice(dtype):
+    """What to do about embeddings that overflow ``dtype`` (NumPy or torch) arithmetic."""
+    if "float64" in str(dtype):
+        return "rescale them (their squares exceed float64's range, about 1e308)"
+    return "rescale them, or cast them to float64"
+
+
 def _with_oom_advice(method):
     """Wrap a detector method so that running out of memory says what to change."""
 
@@ -330,7 +337,7 @@ class BasePatchDetector(OutlierMixin, BaseEstimator):
                 f"{type(self).__name__} computed NaN anomaly scores for {int(nan.sum())} "
                 f"image(s) (the first is X[{int(np.flatnonzero(nan)[0])}]): their embeddings "
                 f"(largest |value| {largest:.3g}) overflow {X.dtype} arithmetic. Check the "
-                "embeddings, or cast them to float64."
+                f"embeddings, or {_overflow_advice(X.dtype)}."
             )
 
     def _set_offset(self, anomaly_scores):
@@ -342,7 +349,7 @@ class BasePatchDetector(OutlierMixin, BaseEstimator):
             raise ValueError(
                 f"{type(self).__name__} computed NaN (or too many infinite) anomaly scores "
                 "for training images: the embeddings overflow their dtype's arithmetic. "
-                "Check the embeddings, or cast them to float64."
+                f"Check the embeddings, or {_overflow_advice(anomaly_scores.dtype)}."
             )
         self.offset_ = offset
 

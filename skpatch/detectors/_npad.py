@@ -424,6 +424,7 @@ class NPadDetector(BaseGaussianDetector):
         if not self._uses_aggregated:
             self._warn_degenerate(count, mean, scatter)
         covariance = _gaussian.regularized_covariance(scatter, count, self.epsilon)
+        _gaussian.check_finite_covariance(covariance)  # not "not positive definite" below
         weights = _npad_kernels.bhattacharyya_weights(
             mean.view(h, w, d), covariance.view(h, w, d, d), self.p, self.gamma
         )
