@@ -18,6 +18,7 @@ from sklearn.utils._param_validation import HasMethods, Interval, StrOptions
 from sklearn.utils.validation import check_memory
 
 from ._images import check_images, load_batch
+from ._maps import check_size
 from ._torch_utils import cpu_fallback_state, empty, oom_advice, resolve_device, to_numpy
 from .backbones import FeatureExtractor, get_backbone, load_backbone
 
@@ -279,12 +280,18 @@ class PatchEmbedder(TransformerMixin, BaseEstimator):
         super().__setstate__(cpu_fallback_state(state, type(self).__name__))
 
     def _resolve_layers(self):
+        """The layers to embed, after the checks the parameter constraints cannot make."""
         spec = get_backbone(self.backbone)
         layers = list(spec.default_layers if self.layers is None else self.layers)
         if not layers:
             raise ValueError("layers must name at least one stage.")
+        if len(set(layers)) < len(layers):
+            raise ValueError(f"layers names a stage twice: {layers}.")
         if self.pool_size % 2 == 0:
             raise ValueError(f"pool_size must be odd to keep the grid size; got {self.pool_size}.")
+        check_size(self.image_size, "image_size")
+        check_size(self.crop_size, "crop_size")
+        resolve_device(self.device)
         return layers
 
     @_fit_context(prefer_skip_nested_validation=True)

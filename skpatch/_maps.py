@@ -13,6 +13,7 @@ a 33-tap convolution over every pixel of the ``H x W`` map.
 """
 
 import functools
+from numbers import Integral
 
 import numpy as np
 import torch
@@ -92,6 +93,23 @@ def postprocess(patch_scores, size, sigma, mode="bicubic"):
     rows = _axis_operator(h, height, *key)
     cols = _axis_operator(w, width, *key)
     return rows @ patch_scores @ cols.T
+
+
+def check_size(value, name):
+    """Raise unless ``value`` is None, an int >= 1 or a pair of ints >= 1 (a size ``(H, W)``).
+
+    The parameter constraints accept any tuple or list for the pairs; this
+    checks what they hold, so that a bad size fails at ``fit`` with its name
+    rather than inside torch.
+    """
+    if not isinstance(value, (tuple, list)):
+        return
+    if len(value) != 2 or not all(
+        isinstance(v, Integral) and not isinstance(v, bool) and v >= 1 for v in value
+    ):
+        raise ValueError(
+            f"{name} must be an int >= 1 or a pair (height, width) of ints >= 1; got {value!r}."
+        )
 
 
 def map_size_tuple(map_size):

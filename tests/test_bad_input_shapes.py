@@ -188,3 +188,35 @@ def test_overflowing_embeddings_never_score_nan(fitted, name):
     else:
         assert not np.isnan(scores).any()
         assert (detector.predict(huge) == -1).all()
+
+
+@pytest.mark.parametrize(
+    "params, match",
+    [
+        ({"image_size": (32,)}, r"image_size must be .* got \(32,\)"),
+        ({"image_size": (0, 32)}, r"image_size must be .* got \(0, 32\)"),
+        ({"image_size": ("a", "b")}, "image_size must be"),
+        ({"crop_size": (0, 0)}, "crop_size must be"),
+        ({"crop_size": (24, 24, 3)}, "crop_size must be"),
+        ({"device": "gpu"}, "device='gpu' is not a torch device"),
+        ({"layers": ("stage1", "stage1")}, "names a stage twice"),
+    ],
+)
+def test_bad_embedder_parameters_fail_at_fit_with_their_name(params, match):
+    with pytest.raises(ValueError, match=match):
+        tiny_embedder(**params).fit(IMAGES)
+
+
+@pytest.mark.parametrize("name", detector_names())
+@pytest.mark.parametrize(
+    "params, match",
+    [
+        ({"map_size": (0, 4)}, r"map_size must be .* got \(0, 4\)"),
+        ({"map_size": [4, 4, 4]}, "map_size must be"),
+        ({"map_size": (4.5, 4)}, "map_size must be"),  # was truncated to 4
+        ({"device": "gpu"}, "device='gpu' is not a torch device"),
+    ],
+)
+def test_bad_detector_parameters_fail_at_fit_with_their_name(name, params, match):
+    with pytest.raises(ValueError, match=match):
+        make_detector(name, **params).fit(X_TRAIN)

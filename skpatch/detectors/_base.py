@@ -27,7 +27,7 @@ from sklearn.utils._param_validation import Interval, StrOptions
 from sklearn.utils.validation import check_array, check_is_fitted, validate_data
 
 from .. import _gaussian
-from .._maps import map_size_tuple, postprocess
+from .._maps import check_size, map_size_tuple, postprocess
 from .._torch_utils import (
     all_finite,
     as_tensor,
@@ -153,6 +153,12 @@ class BasePatchDetector(OutlierMixin, BaseEstimator):
             lambda: _gaussian.whitened_centers(as_tensor(center, device), as_tensor(chol, device)),
             keep=True,
         )
+
+    def _validate_params(self):
+        # and what the constraints cannot say: the pair map_size holds, a device torch knows
+        super()._validate_params()
+        check_size(self.map_size, "map_size")
+        resolve_device(self.device)
 
     # ------------------------------------------------------------------ input
     def _validate_embeddings(self, X, *, reset, keep_tensor=False):
