@@ -1,5 +1,7 @@
 """Calls that work on a detector or on a Pipeline that ends in one."""
 
+from numbers import Integral
+
 import numpy as np
 from sklearn.base import clone
 from sklearn.pipeline import Pipeline
@@ -104,8 +106,10 @@ def fit_in_batches(estimator, X, *, batch_size=64):
     >>> fit_in_batches(pipe, images, batch_size=4).predict(images).shape
     (6,)
     """
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
+    if not isinstance(batch_size, Integral) or isinstance(batch_size, bool) or batch_size < 1:
+        raise ValueError(f"fit_in_batches' batch_size must be an int >= 1, got {batch_size!r}.")
+    if len(X) == 0:
+        raise ValueError("fit_in_batches got no training images: X is empty.")
     transformers, detector = _split(estimator)
     if not hasattr(detector, "partial_fit"):
         raise TypeError(

@@ -220,3 +220,30 @@ def test_bad_embedder_parameters_fail_at_fit_with_their_name(params, match):
 def test_bad_detector_parameters_fail_at_fit_with_their_name(name, params, match):
     with pytest.raises(ValueError, match=match):
         make_detector(name, **params).fit(X_TRAIN)
+
+
+@pytest.mark.parametrize(
+    "X, batch_size, match",
+    [
+        (X_TRAIN[:0], 4, "got no training images"),
+        ([], 4, "got no training images"),
+        (X_TRAIN, 2.5, "batch_size must be an int >= 1, got 2.5"),
+        (X_TRAIN, None, "batch_size must be an int >= 1, got None"),
+        (X_TRAIN, 0, "batch_size must be an int >= 1, got 0"),
+    ],
+)
+def test_fit_in_batches_names_its_own_bad_arguments(X, batch_size, match):
+    from skpatch import fit_in_batches
+
+    with pytest.raises(ValueError, match=f"fit_in_batches.*{match}"):
+        fit_in_batches(make_detector("PaDiMDetector"), X, batch_size=batch_size)
+
+
+def test_a_batch_of_another_grid_names_the_earlier_batches():
+    from skpatch import fit_in_batches
+
+    X = np.concatenate([X_TRAIN[:4], np.zeros((4, 8, 4, 4), np.float32)])
+    ragged = [*X_TRAIN[:4], *np.zeros((4, 8, 3, 3), np.float32)]
+    with pytest.raises(ValueError, match="earlier batches of partial_fit"):
+        fit_in_batches(make_detector("PaDiMDetector"), ragged, batch_size=4)
+    fit_in_batches(make_detector("PaDiMDetector"), X, batch_size=4)  # one grid: fine

@@ -242,9 +242,10 @@ class BasePatchDetector(OutlierMixin, BaseEstimator):
         if grid != tuple(self.grid_shape_):
             raise ValueError(
                 f"X has a {grid[0]}x{grid[1]} grid of patches but {type(self).__name__} was "
-                f"fitted on a {self.grid_shape_[0]}x{self.grid_shape_[1]} grid: embed test "
-                "images with the same PatchEmbedder settings (image_size, crop_size, "
-                "layers) as the training images."
+                f"fitted on a {self.grid_shape_[0]}x{self.grid_shape_[1]} grid (by fit, or "
+                "by the earlier batches of partial_fit): embed every image, training and "
+                "test, with the same PatchEmbedder settings (image_size, crop_size, "
+                "layers); images of another size need an image_size that resizes them."
             )
 
     @staticmethod
