@@ -247,3 +247,14 @@ def test_a_batch_of_another_grid_names_the_earlier_batches():
     with pytest.raises(ValueError, match="earlier batches of partial_fit"):
         fit_in_batches(make_detector("PaDiMDetector"), ragged, batch_size=4)
     fit_in_batches(make_detector("PaDiMDetector"), X, batch_size=4)  # one grid: fine
+
+
+@pytest.mark.parametrize(
+    "make", ["make_rpadim_pipeline", "make_npad_pipeline", "make_patchcore_pipeline",
+             "make_spade_pipeline", "make_pni_pipeline"],
+)
+def test_pipeline_helpers_refuse_an_unknown_backbone_when_built(make):
+    import skpatch
+
+    with pytest.raises(ValueError, match="unknown backbone 'resnet99'"):
+        getattr(skpatch, make)("resnet99")

@@ -16,6 +16,7 @@ from .._embedder import PatchEmbedder
 from .._maps import map_size_tuple, postprocess
 from .._shift import ImageShiftDetector
 from .._torch_utils import empty, gather_last, resolve_device, to_numpy
+from ..backbones import get_backbone
 from ..exceptions import DegenerateTrainingSetWarning
 from ._base import BaseGaussianDetector, BasePatchDetector
 
@@ -663,6 +664,7 @@ def make_npad_pipeline(
     >>> model.fit(images).anomaly_map(images[:2]).shape
     (2, 32, 32)
     """
+    get_backbone(backbone)  # an unknown name fails here, as in the other make_*_pipeline
     pipeline = make_pipeline(
         PatchEmbedder(backbone, **(embedder_params or {})),
         NPadDetector(**detector_params),
