@@ -163,11 +163,11 @@ def image_array(item):
 def _decode(item):
     """A path, PIL image or array -> float tensor (3, H, W)."""
     array = image_array(item)
-    if not isinstance(item, (str, os.PathLike)):
-        return _to_float_chw(array)
     try:
         return _to_float_chw(array)
     except ValueError as exc:
+        if not isinstance(item, (str, os.PathLike)):
+            raise
         raise ValueError(f"could not read image file {os.fspath(item)!r}: {exc}") from exc
 
 

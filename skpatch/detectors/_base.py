@@ -258,7 +258,7 @@ class BasePatchDetector(OutlierMixin, BaseEstimator):
 
     # ------------------------------------------------------------------ chunks
     def _bytes_per_image(self, X, device):
-        """Working memory one image needs while scored on ``device`` (override for heavier methods)."""
+        """Working memory of one image scored on ``device`` (override for heavier methods)."""
         return 4 * math.prod(X.shape[1:]) * X.itemsize
 
     @staticmethod
