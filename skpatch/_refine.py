@@ -13,7 +13,7 @@ from sklearn.utils.validation import check_is_fitted
 
 from ._compose import _split, anomaly_map
 from ._images import load_batch, preprocess
-from ._torch_utils import single_threaded, to_numpy
+from ._torch_utils import resolve_device, single_threaded, to_numpy
 from .backbones import get_backbone
 from .datasets import make_synthetic_defects
 
@@ -261,6 +261,11 @@ class AnomalyMapRefiner(MetaEstimatorMixin, OutlierMixin, BaseEstimator):
         self.random_state = random_state
         self.device = device
         self.verbose = verbose
+
+    def _validate_params(self):
+        # and a device torch knows, before the wrapped pipeline's fit
+        super()._validate_params()
+        resolve_device(self.device)
 
     # ------------------------------------------------------------------ pieces
     def _embedder(self, estimator):

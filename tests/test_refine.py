@@ -102,6 +102,14 @@ def test_needs_a_pipeline_with_an_embedder(images):
         AnomalyMapRefiner(PaDiMDetector()).fit(images)
 
 
+def test_a_bad_device_fails_before_the_wrapped_fit(images, monkeypatch):
+    pipe = make_pipeline(PatchEmbedder(weights=None, image_size=32, crop_size=None),
+                         PaDiMDetector(n_features=4))
+    monkeypatch.setattr(type(pipe), "fit", lambda *a, **k: pytest.fail("the pipeline was fitted"))
+    with pytest.raises(ValueError, match="device='gpu' is not a torch device"):
+        AnomalyMapRefiner(pipe, device="gpu").fit(images)
+
+
 def test_new_defect_kinds():
     rng = np.random.RandomState(0)
     images = np.clip(128 + 40 * rng.normal(size=(4, 64, 64)), 0, 255).astype(np.uint8)
