@@ -178,6 +178,10 @@ def test_least_nonzero_channel_selection():
     np.testing.assert_array_equal(det.feature_indices_, [1, 4])
     assert det.nonzero_counts_[1] < det.nonzero_counts_[4] < det.nonzero_counts_[2]
     np.testing.assert_array_equal(det.nonzero_counts_, np.count_nonzero(X, axis=(0, 2, 3)))
+    # the densest channels (no zero in 0, 3, 5: ties broken at random) for "most-nonzero"
+    most = NPadDetector(n_features=4, feature_selection="most-nonzero", map_size=None,
+                        random_state=0).fit(X)
+    np.testing.assert_array_equal(most.feature_indices_, [0, 2, 3, 5])
     # channels-last embeddings (the embedder's) are counted by blocks of patches
     channels_last = np.ascontiguousarray(X.transpose(0, 2, 3, 1)).transpose(0, 3, 1, 2)
     with pytest.MonkeyPatch.context() as patch:

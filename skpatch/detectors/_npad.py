@@ -108,10 +108,13 @@ class NPadDetector(BaseGaussianDetector):
         ``d``, the number of channels kept (the paper keeps 550 of the 1792
         of Wide-ResNet-50-2; 100 of the 176 of EfficientNet-Lite0, see the
         user guide). None keeps every channel.
-    feature_selection : {"least-nonzero", "random"}, default="least-nonzero"
+    feature_selection : {"least-nonzero", "most-nonzero", "random"}, default="least-nonzero"
         ``"least-nonzero"`` keeps the channels with the fewest nonzero
-        training values (§3.1), ties broken at random; ``"random"`` a random
-        subset (PaDiM's rule, the paper's ablation of §4.3).
+        training values, as §3.1 words it, ties broken at random;
+        ``"most-nonzero"`` those with the most, which its rationale (ReLU
+        zeros distort the Gaussians) may have meant (see the user guide);
+        ``"random"`` a random subset (PaDiM's rule, the paper's ablation of
+        §4.3).
     p : int, default=3
         Neighbourhood of the weighted (A) and aggregated (B) distributions:
         the window of offsets up to ``p // 2`` (eq. 1). 1 disables both
@@ -172,7 +175,7 @@ class NPadDetector(BaseGaussianDetector):
     feature_indices_ : ndarray of shape (n_selected,)
         Channels kept (sorted).
     nonzero_counts_ : ndarray of shape (n_channels,)
-        Nonzero training values per channel (``"least-nonzero"`` only).
+        Nonzero training values per channel (not with ``"random"``).
     neighbor_weights_ : ndarray of shape (h, w, K)
         Normalized similarities ``m'`` of every position to the ``K``
         positions of its ``p x p`` window (row-major offsets; 0 outside the
@@ -279,7 +282,7 @@ class NPadDetector(BaseGaussianDetector):
     _parameter_constraints = {
         **BasePatchDetector._parameter_constraints,
         "n_features": [Interval(Integral, 1, None, closed="left"), None],
-        "feature_selection": [StrOptions({"least-nonzero", "random"})],
+        "feature_selection": [StrOptions({"least-nonzero", "most-nonzero", "random"})],
         "p": [Interval(Integral, 1, None, closed="left")],
         "q": [Interval(Integral, 1, None, closed="left")],
         "gamma": [Interval(Real, 0, None, closed="neither")],
@@ -342,7 +345,7 @@ class NPadDetector(BaseGaussianDetector):
         return self.distributions in ("both", "aggregated")
 
     def _select_channels(self, X, device, rng):
-        """Channel selection of §3.1 (fewest nonzero values) or a random subset."""
+        """Channel selection of §3.1 (fewest or most nonzero values) or a random subset."""
         n_channels = X.shape[1]
         n_selected = n_channels if self.n_features is None else self.n_features
         if n_selected > n_channels:
@@ -356,9 +359,10 @@ class NPadDetector(BaseGaussianDetector):
         for _, x in self._iter_chunks(X, device):
             _count_nonzero_per_channel_(counts, x)
         self.nonzero_counts_ = to_numpy(counts)
-        # Fewest nonzero values first; ties (all channels, for a backbone
-        # whose stages end without ReLU) in a random order.
-        order = np.lexsort((rng.permutation(n_channels), self.nonzero_counts_))
+        # Fewest (or most) nonzero values first; ties (all channels, for a
+        # backbone whose stages end without ReLU) in a random order.
+        sign = 1 if self.feature_selection == "least-nonzero" else -1
+        order = np.lexsort((rng.permutation(n_channels), sign * self.nonzero_counts_))
         return np.sort(order[:n_selected])
 
     def _grid(self, x, dtype=None):
