@@ -27,7 +27,9 @@ def neighborhood_features(x, size):
     """Concatenated features of the ``size x size`` window around every patch, centre excluded.
 
     ``x (b, C, h, w)`` -> ``(b * h * w, C * (size² - 1))`` in row-major grid
-    order; windows reaching past the border are zero-padded (as PNI's code).
+    order; windows reaching past the border are zero-padded. The detector
+    pads the *standardized* features, so a missing neighbour is the
+    channel's training mean (PNI's code pads the raw features with zeros).
     """
     n_images, n_channels, height, width = x.shape
     windows = F.unfold(x, size, padding=size // 2)  # (b, C * size², h * w)
@@ -177,8 +179,9 @@ class PNIDetector(BasePatchDetector):
         ``|C_emb|``): the number of classes of the MLP and of the histogram.
         The official code uses 2048.
     neighborhood_size : int, default=3
-        Side ``p`` of the neighbourhood window ``N_p(x)`` (odd). The MLP's
-        input has ``C (p² - 1)`` features.
+        Side ``p`` of the neighbourhood window ``N_p(x)`` (odd; the official
+        code's is 9, see the user guide). The MLP's input has ``C (p² - 1)``
+        features.
     position_window : int, default=1
         Side of the box over which each count of Algorithm 1 is spread (odd);
         1 is the paper's histogram, the official code spreads the counts over
