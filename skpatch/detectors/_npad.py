@@ -238,9 +238,9 @@ class NPadDetector(BaseGaussianDetector):
     itself uses every image. On ELPV mono (411 training images) the
     in-sample threshold flagged 45 % of the normal test images for
     ``contamination=0.1``, the cross-fitted one 9 %; the fit took 3.0 s
-    and 14.6 s on embeddings (2 CPU threads). The folds' fits read the
-    embeddings a chunk at a time (no copy of them), while the model holds
-    its own two ``(P, d, d)`` factors. ``"in-sample"`` saves that work where
+    and 14.6 to 17.0 s on embeddings (2 CPU threads). The folds' fits read
+    the embeddings a chunk at a time (no copy of them), while the model
+    holds its own two ``(P, d, d)`` factors. ``"in-sample"`` saves that work where
     only the scores matter (ranking, AUROC, a grid search scored by them).
 
     **Cost.** With ``P = h x w`` positions, ``d`` channels and windows of
