@@ -262,6 +262,7 @@ def test_partial_fit_persistence(tmp_path):
     det.partial_fit(X[:4])
     unsaved.partial_fit(X[:4])
     np.testing.assert_array_equal(det.memory_bank_, unsaved.memory_bank_)
+    assert det.offset_ == unsaved.offset_
     det = _stream(PatchCoreDetector(0.1, max_patches=200, random_state=0, map_size=None), X, 8)
     np.testing.assert_array_equal(loaded.score_samples(X[:5]), det.score_samples(X[:5]))
     assert loaded.offset_ == det.offset_
