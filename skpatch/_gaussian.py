@@ -19,7 +19,14 @@ import contextlib
 
 import torch
 
-from ._torch_utils import all_finite, empty, gather_last, map_on_cores, single_threaded
+from ._torch_utils import (
+    all_finite,
+    empty,
+    gather_last,
+    map_on_cores,
+    overflow_advice,
+    single_threaded,
+)
 
 
 # Positions per block on a CPU. A block of 32 images x 100 channels is 1.6 MB:
@@ -179,10 +186,10 @@ def check_finite_covariance(covariance):
     """Raise if ``covariance`` has an infinite or NaN entry (the embeddings overflowed)."""
     if not all_finite(covariance):
         # Squares of embeddings beyond ~1e19 overflow float32 (1e154 for float64).
-        advice = "" if covariance.dtype == torch.float64 else ", or cast them to float64"
         raise ValueError(
             f"the covariances overflow {str(covariance.dtype).replace('torch.', '')} "
-            f"(infinite or NaN entries): the embeddings are too large; rescale them{advice}."
+            "(infinite or NaN entries): the embeddings are too large; "
+            f"{overflow_advice(covariance.dtype)}."
         )
 
 

@@ -213,6 +213,13 @@ def _is_out_of_memory(exc):
     return isinstance(exc, RuntimeError) and any(m in str(exc) for m in _CPU_OUT_OF_MEMORY)
 
 
+def overflow_advice(dtype):
+    """What to do about embeddings that overflow ``dtype`` (NumPy or torch) arithmetic."""
+    if "float64" in str(dtype):
+        return "rescale them (their squares exceed float64's range, about 1e308)"
+    return "rescale them, or cast them to float64"
+
+
 @contextlib.contextmanager
 def oom_advice(what, advice):
     """Re-raise an out-of-memory error of the block with advice on using less memory.

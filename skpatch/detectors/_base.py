@@ -35,6 +35,7 @@ from .._torch_utils import (
     is_view_on,
     numpy_dtype,
     oom_advice,
+    overflow_advice,
     resolve_device,
     to_numpy,
 )
@@ -49,13 +50,6 @@ _OOM_METHODS = (
 
 # Detector -> {(name, device): (fitted arrays, tensors made from them)}.
 _DEVICE_COPIES = weakref.WeakKeyDictionary()
-
-
-def _overflow_advice(dtype):
-    """What to do about embeddings that overflow ``dtype`` (NumPy or torch) arithmetic."""
-    if "float64" in str(dtype):
-        return "rescale them (their squares exceed float64's range, about 1e308)"
-    return "rescale them, or cast them to float64"
 
 
 def _with_oom_advice(method):
@@ -291,7 +285,9 @@ class BasePatchDetector(OutlierMixin, BaseEstimator):
         """
         max_rows = min(len(X), self._SCORE_CHUNK if max_rows is None else max_rows)
         row_bytes = self._bytes_per_image(X, device) if row_bytes is None else row_bytes
-        chunk = get_chunk_n_rows(row_bytes=row_bytes, max_n_rows=max_rows) if row_bytes else max_rows
+        chunk = max_rows
+        if row_bytes:
+            chunk = get_chunk_n_rows(row_bytes=row_bytes, max_n_rows=max_rows)
         for batch in gen_batches(len(X), chunk):
             yield batch, as_tensor(X[batch], device)
 
@@ -344,7 +340,7 @@ class BasePatchDetector(OutlierMixin, BaseEstimator):
                 f"{type(self).__name__} computed NaN anomaly scores for {int(nan.sum())} "
                 f"image(s) (the first is X[{int(np.flatnonzero(nan)[0])}]): their embeddings "
                 f"(largest |value| {largest:.3g}) overflow {X.dtype} arithmetic. Check the "
-                f"embeddings, or {_overflow_advice(X.dtype)}."
+                f"embeddings, or {overflow_advice(X.dtype)}."
             )
 
     def _set_offset(self, anomaly_scores):
@@ -356,7 +352,7 @@ class BasePatchDetector(OutlierMixin, BaseEstimator):
             raise ValueError(
                 f"{type(self).__name__} computed NaN (or too many infinite) anomaly scores "
                 "for training images: the embeddings overflow their dtype's arithmetic. "
-                f"Check the embeddings, or {_overflow_advice(anomaly_scores.dtype)}."
+                f"Check the embeddings, or {overflow_advice(anomaly_scores.dtype)}."
             )
         self.offset_ = offset
 

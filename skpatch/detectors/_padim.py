@@ -1,6 +1,5 @@
 """PaDiM: one Gaussian per patch position (Defard et al., 2021)."""
 
-
 import numpy as np
 import torch
 from sklearn.base import _fit_context
