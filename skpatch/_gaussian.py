@@ -137,6 +137,27 @@ def merge_moments_(first, second):
     return count, mean_a, scatter_a
 
 
+def downdate_moments_(total, part):
+    """The moments of the samples of ``total`` that are not in ``part``.
+
+    :func:`merge_moments` solved for its first triple: with ``n_a = n - n_b``,
+    ``μ_a = μ + (μ - μ_b) n_b / n_a`` and ``S_a = S - S_b - (n_a n_b / n) δδᵀ``,
+    ``δ = μ_b - μ_a``. ``S_a`` is written over ``part``'s scatter; ``total``
+    is not modified. ``part`` must be a strict subset of ``total``'s samples
+    (which this cannot check).
+    """
+    count, mean, scatter = total
+    n_b, mean_b, scatter_b = part
+    n_a = count - n_b
+    if n_a < 1:
+        raise ValueError(f"cannot remove {n_b} samples from {count}")
+    mean_a = torch.add(mean, mean - mean_b, alpha=n_b / n_a)
+    delta = mean_b - mean_a
+    scatter_a = scatter_b.neg_().add_(scatter)
+    scatter_a.baddbmm_(delta.unsqueeze(2), delta.unsqueeze(1), alpha=-n_a * n_b / count)
+    return n_a, mean_a, scatter_a
+
+
 def leave_one_out_sq(sq_distances, count):
     """Squared Mahalanobis distances of training samples to the model fitted without them.
 

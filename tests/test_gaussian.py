@@ -49,6 +49,26 @@ def test_in_place_merge_updates_the_first_moments_only():
         np.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.parametrize("held", [slice(0, 1), slice(3, 10), slice(1, 29)])
+def test_downdate_removes_a_subset(held):
+    x = _x()
+    kept = torch.ones(x.shape[1], dtype=torch.bool)
+    kept[held] = False
+    total = batch_moments(x)
+    total_copy = [t.clone() if torch.is_tensor(t) else t for t in total]
+    part = batch_moments(x[:, held])
+    count, mean, scatter = _gaussian.downdate_moments_(total, part)
+    expected = batch_moments(x[:, kept])
+    assert count == expected[0]
+    np.testing.assert_allclose(mean, expected[1])
+    np.testing.assert_allclose(scatter, expected[2], atol=1e-10)
+    assert scatter is part[2]  # in the part's memory; the total is unchanged
+    for a, b in zip(total, total_copy):
+        np.testing.assert_array_equal(a, b)
+    with pytest.raises(ValueError, match="cannot remove 30 samples from 30"):
+        _gaussian.downdate_moments_(total, batch_moments(x))
+
+
 def test_regularized_covariance_is_eq1():
     x = _x()
     count, _, scatter = batch_moments(x)

@@ -240,31 +240,61 @@ def test_cross_fitted_offset_flags_about_contamination_of_new_images():
 
 
 def test_cross_fitted_offset_is_the_folds_out_of_fold_quantile(monkeypatch):
+    # Without the centroid bank, a fold's detector is the one fitted on the
+    # other folds' images (its statistics come from the model's, less the
+    # fold's own).
     from skpatch.detectors import _npad
 
     monkeypatch.setattr(_npad, "_CALIBRATION_FOLDS", 3)
     X = embeddings(n=12, dtype=np.float32)
-    det = NPadDetector(n_features=4, map_size=None, random_state=0).fit(X)
-    # the same folds, drawn after the model's own fit from the same generator
-    cpu = torch.device("cpu")
+    params = dict(n_features=None, map_size=None, image_score="max")
+    det = NPadDetector(random_state=0, **params).fit(X)
+    # the same folds, drawn after the model's own draws from the same generator
     rng = np.random.RandomState(0)
-
-    def detector():
-        model = NPadDetector(n_features=4, map_size=None, random_state=rng)
-        model.n_features_in_, model.grid_shape_ = X.shape[1], X.shape[2:]
-        return model
-
-    detector()._fit_model(X, cpu, rng)  # the model's own draws
+    NPadDetector(calibration="in-sample", random_state=rng, **params).fit(X)
     scores = np.empty(len(X))
     for held_out in np.array_split(rng.permutation(len(X)), 3):
         held_out = np.sort(held_out)
-        fold = detector()
-        fold._fit_model(np.delete(X, held_out, axis=0), cpu, rng, channels=det.feature_indices_)
+        fold = NPadDetector(calibration="in-sample", **params)
+        fold.fit(np.delete(X, held_out, axis=0))
         scores[held_out] = fold.score_samples(X[held_out])
-    np.testing.assert_allclose(det.offset_, np.percentile(scores, 10), rtol=1e-5)
+    np.testing.assert_allclose(det.offset_, np.percentile(scores, 10), rtol=1e-4)
     # fewer than 3 images: in-sample
     two = NPadDetector(n_features=4, map_size=None, random_state=0).fit(X[:2])
     np.testing.assert_allclose(two.offset_, np.percentile(two.score_samples(X[:2]), 10))
+
+
+def test_cross_fitted_banks_cluster_the_models_features_of_their_images(monkeypatch):
+    # A fold's bank clusters the model's k-means features of the fold's
+    # images (not its own sample: that would aggregate them all again),
+    # into as many centroids as the model's bank.
+    from skpatch.detectors import _npad
+
+    monkeypatch.setattr(_npad, "_CALIBRATION_FOLDS", 3)
+    calls = []
+    fit_kmeans = NPadDetector._fit_kmeans
+
+    def spy(self, samples, seed, n_clusters=None):
+        calls.append((samples.clone(), n_clusters))
+        return fit_kmeans(self, samples, seed, n_clusters)
+
+    monkeypatch.setattr(NPadDetector, "_fit_kmeans", spy)
+    X = embeddings(n=12, dtype=np.float32)
+    det = NPadDetector(n_features=None, map_size=None, kmeans_max_samples=None,
+                       random_state=0).fit(X)
+    *folds, (features, model_clusters) = calls
+    assert len(folds) == 3 and model_clusters is None
+    per_image = features.reshape(len(X), 20, -1)  # every feature, image by image
+    held_out = []
+    for samples, n_clusters in folds:
+        assert n_clusters == len(det.centroids_) == 24  # ceil(0.1 x 12 x 20)
+        kept = [
+            next(i for i in range(len(X)) if torch.equal(per_image[i], image))
+            for image in samples.reshape(-1, 20, samples.shape[1])
+        ]
+        assert kept == sorted(kept) and len(kept) == 8
+        held_out.append(set(range(len(X))) - set(kept))
+    assert set().union(*held_out) == set(range(len(X)))
 
 
 @pytest.mark.parametrize("p, q", [(11, 2), (3, 11), (9, 9)])

@@ -51,11 +51,11 @@ _AGGREGATE_IMAGES = 8
 
 
 class _Rows:
-    """The rows ``index`` of an array, as the fit reads it: chunk by chunk.
+    """The rows ``index`` of an array, as the fit and the scoring read it: chunk by chunk.
 
-    A fold of the cross-fitted calibration is fitted on all the images but
-    one fold; this reads them a chunk at a time instead of copying four
-    fifths of the embeddings first.
+    A fold of the cross-fitted calibration reads its images twice (its
+    statistics, then its scores); this reads them a chunk at a time
+    instead of copying a fifth of the embeddings.
     """
 
     def __init__(self, array, index):
@@ -160,8 +160,9 @@ class NPadDetector(BaseGaussianDetector):
     calibration : {"cross-fit", "in-sample"}, default="cross-fit"
         How the training images are scored for ``offset_``:
         ``"cross-fit"`` scores each of 5 folds of them with a detector
-        fitted on the other 4 (see Notes), at the cost of 5 more fits on
-        4/5 of the images; ``"in-sample"`` with this detector, whose scores
+        fitted on the other 4 (see Notes), at the cost of 5 more fits
+        (from the model's statistics less each fold's) and one more pass
+        over the images; ``"in-sample"`` with this detector, whose scores
         of its own training images are optimistic.
     random_state : int, RandomState instance or None, default=None
         Seeds the channel selection (ties or random subset), the features
@@ -237,10 +238,12 @@ class NPadDetector(BaseGaussianDetector):
     on the other 4 with the same parameters and channels; the fitted model
     itself uses every image. On ELPV mono (411 training images) the
     in-sample threshold flagged 45 % of the normal test images for
-    ``contamination=0.1``, the cross-fitted one 9 %; the fit took 3.0 s
-    and 14.6 to 17.0 s on embeddings (2 CPU threads). The folds' fits read
-    the embeddings a chunk at a time (no copy of them), while the model
-    holds its own two ``(P, d, d)`` factors. ``"in-sample"`` saves that work where
+    ``contamination=0.1``, the cross-fitted one 8.5 %; the fit on
+    embeddings took 4.4-4.9 s in-sample and 12.9-15.9 s cross-fitted (2 CPU
+    threads). A fold's moments are the model's less the fold's own (one
+    more pass over the images in all, read a chunk at a time), and its
+    centroid bank clusters the model's k-means sample of its images into
+    as many centroids as the model's. ``"in-sample"`` saves that work where
     only the scores matter (ranking, AUROC, a grid search scored by them).
 
     **Cost.** With ``P = h x w`` positions, ``d`` channels and windows of
@@ -412,19 +415,41 @@ class NPadDetector(BaseGaussianDetector):
                 collected.append(agg[flat % n_positions, flat // n_positions])
             yield agg
 
-    def _fit_kmeans(self, samples, rng):
-        n_clusters = max(1, math.ceil(self.kmeans_ratio * len(samples)))
-        generator = torch.Generator().manual_seed(int(rng.randint(np.iinfo(np.int32).max)))
+    def _fit_kmeans(self, samples, seed, n_clusters=None):
+        """The centroid bank: ``n_clusters`` (``kmeans_ratio`` of the samples when None)."""
+        if n_clusters is None:
+            n_clusters = max(1, math.ceil(self.kmeans_ratio * len(samples)))
+        generator = torch.Generator().manual_seed(seed)
         centroids, self.kmeans_n_iter_ = _npad_kernels.kmeans(samples, n_clusters, generator)
         return to_numpy(centroids)
 
-    def _fit_weighted(self, X, device):
-        """Module A: per-position Gaussians, similarities, weighted Gaussians (eq. 2-6)."""
-        h, w = self.grid_shape_
-        count, mean, scatter = _gaussian.chunked_moments(
+    def _plain_moments(self, X, device):
+        """Moments ``(count, mean, scatter)`` of the selected channels (module A)."""
+        return _gaussian.chunked_moments(
             (self._positions(x) for _, x in self._iter_chunks(X, device)),
             index=self._channel_index(device),
         )
+
+    def _aggregated_statistics(self, X, device, sample=None):
+        """Moments of the aggregated features (eq. 7, module B; None if unused) and the
+        k-means features at the flat indices ``sample`` (:meth:`_kmeans_sample`; None if None).
+        """
+        moments, collected = None, []
+        chunks = self._aggregated_chunks(X, device, sample, collected)
+        if self._uses_aggregated:
+            moments = _gaussian.chunked_moments(chunks)
+        else:
+            for _ in chunks:
+                pass
+        return moments, None if sample is None else torch.cat(collected)
+
+    def _fit_weighted(self, moments):
+        """Module A from the plain moments: similarities, weighted Gaussians (eq. 2-6).
+
+        The scatter is overwritten.
+        """
+        h, w = self.grid_shape_
+        count, mean, scatter = moments
         d = mean.shape[1]
         if not self._uses_aggregated:
             self._warn_degenerate(count, mean, scatter)
@@ -437,13 +462,18 @@ class NPadDetector(BaseGaussianDetector):
         weighted_mean, weighted_cov = _npad_kernels.weighted_moments(
             count, mean.view(h, w, d), scatter.view(h, w, d, d), weights, self.p
         )
-        del scatter
         weighted_cov += self.epsilon * torch.eye(d, dtype=mean.dtype, device=mean.device)
         self.neighbor_weights_ = to_numpy(weights)
         self.weighted_mean_ = to_numpy(weighted_mean.reshape(h * w, d))
         self.weighted_precision_cholesky_ = to_numpy(
             _gaussian.precision_cholesky(weighted_cov.view(h * w, d, d), overwrite=True)
         )
+
+    def _fit_aggregated(self, moments):
+        """Module B from the aggregated moments (the scatter is overwritten)."""
+        mean, prec_chol = self._whitening(moments)
+        self.aggregated_mean_ = to_numpy(mean)
+        self.aggregated_precision_cholesky_ = to_numpy(prec_chol)
 
     @_fit_context(prefer_skip_nested_validation=True)
     def fit(self, X, y=None):
@@ -465,72 +495,82 @@ class NPadDetector(BaseGaussianDetector):
         self._check_n_samples(len(X), 2, type(self).__name__)
         rng = check_random_state(self.random_state)
         device = resolve_device(self.device)
-        with torch.inference_mode():
-            self._fit_model(X, device, rng)
-            self._set_offset(self._training_scores(X, device, rng))
-        return self
-
-    def _fit_model(self, X, device, rng, channels=None):
-        """Modules A and B and the centroid bank on validated embeddings ``X``.
-
-        ``channels``: the channels to keep (selected from ``X`` when None).
-        """
         for attribute in (
             "nonzero_counts_", "neighbor_weights_", "weighted_mean_",
             "weighted_precision_cholesky_", "aggregated_mean_",
             "aggregated_precision_cholesky_", "centroids_",
         ):
             self.__dict__.pop(attribute, None)
-        if channels is None:
-            channels = self._select_channels(X, device, rng)
-        self.feature_indices_ = channels
-        self.n_samples_seen_ = len(X)
-        if self._uses_weighted:
-            self._fit_weighted(X, device)
-        needs_bank = self.image_score == "top-k"
-        sample = self._kmeans_sample(len(X), rng) if needs_bank else None
-        collected = []
-        if self._uses_aggregated or needs_bank:
-            chunks = self._aggregated_chunks(X, device, sample, collected)
-            if self._uses_aggregated:
-                count, mean, scatter = _gaussian.chunked_moments(chunks)
-                mean, prec_chol = self._whitening((count, mean, scatter))
-                del scatter
-                self.aggregated_mean_ = to_numpy(mean)
-                self.aggregated_precision_cholesky_ = to_numpy(prec_chol)
-            else:
-                for _ in chunks:
-                    pass
-        if needs_bank:
-            self.centroids_ = self._fit_kmeans(torch.cat(collected), rng)
+        with torch.inference_mode():
+            self.feature_indices_ = self._select_channels(X, device, rng)
+            self.n_samples_seen_ = len(X)
+            plain = self._plain_moments(X, device) if self._uses_weighted else None
+            sample = self._kmeans_sample(len(X), rng) if self.image_score == "top-k" else None
+            aggregated, features = None, None
+            if self._uses_aggregated or sample is not None:
+                aggregated, features = self._aggregated_statistics(X, device, sample)
+            kmeans_seed = None if sample is None else int(rng.randint(np.iinfo(np.int32).max))
+            cross_fit = self.calibration == "cross-fit" and len(X) >= 3
+            if cross_fit:
+                # before the model's own fit, which overwrites the scatters
+                scores = self._cross_fitted_scores(X, device, rng, plain, aggregated,
+                                                   features, sample)
+            if plain is not None:
+                self._fit_weighted(plain)
+            del plain  # its scatter, before module B's arrays are made
+            if aggregated is not None:
+                self._fit_aggregated(aggregated)
+            del aggregated
+            if features is not None:
+                self.centroids_ = self._fit_kmeans(features, kmeans_seed)
+            self._set_offset(scores if cross_fit else self._anomaly_scores(X))
+        return self
 
-    def _training_scores(self, X, device, rng):
-        """Image anomaly scores of the training images, as ``calibration`` says.
+    def _cross_fitted_scores(self, X, device, rng, plain, aggregated, features, sample):
+        """Scores of the training images, each by a detector fitted without its fold.
 
-        ``"cross-fit"``: each of ``_CALIBRATION_FOLDS`` folds of the images
-        (fewer with fewer images) is scored by a detector fitted on the
-        other folds, with this one's parameters and channels (the selection
-        of §3.1 counts nonzero values over every image: a pass over them
-        per fold, for little change). ``"in-sample"``, or fewer than 3
-        images: by this detector.
+        The images are split into ``_CALIBRATION_FOLDS`` random folds (fewer
+        with fewer images). A fold's detector has this one's parameters and
+        channels (§3.1's selection counts over every image: not redone per
+        fold, for little change), and its moments are the model's (``plain``, ``aggregated``)
+        less the fold's own (:func:`~skpatch._gaussian.downdate_moments_`):
+        one more pass over the images in all, not one per fold. Its centroid
+        bank clusters the model's k-means ``features`` (at ``sample``) of its
+        images into as many centroids as the model's bank.
         """
         n_images = len(X)
-        if self.calibration == "in-sample" or n_images < 3:
-            return self._anomaly_scores(X)
+        n_positions = self.grid_shape_[0] * self.grid_shape_[1]
+        n_clusters = None
+        if features is not None:
+            n_clusters = max(1, math.ceil(self.kmeans_ratio * len(features)))
         scores = self._empty_scores(X)
         folds = np.array_split(rng.permutation(n_images), min(_CALIBRATION_FOLDS, n_images))
         for held_out in folds:
             held_out = np.sort(held_out)
+            images = _Rows(X, held_out)
             fold = clone(self)
             fold.n_features_in_, fold.grid_shape_ = self.n_features_in_, self.grid_shape_
+            fold.feature_indices_ = self.feature_indices_
+            fold.n_samples_seen_ = n_images - len(held_out)
             with warnings.catch_warnings():
-                # the model's own fit has warned already, if at all
+                # the model's own fit warns, if at all
                 warnings.simplefilter("ignore", DegenerateTrainingSetWarning)
-                fold._fit_model(
-                    _Rows(X, np.delete(np.arange(n_images), held_out)), device, rng,
-                    channels=self.feature_indices_,
+                # one module at a time: one set of the fold's (P, d, d) arrays
+                if plain is not None:
+                    own = self._plain_moments(images, device)
+                    fold._fit_weighted(_gaussian.downdate_moments_(plain, own))
+                    del own
+                if aggregated is not None:
+                    own = self._aggregated_statistics(images, device)[0]
+                    fold._fit_aggregated(_gaussian.downdate_moments_(aggregated, own))
+                    del own
+            if features is not None:
+                kept = ~np.isin(sample // n_positions, held_out)
+                seed = int(rng.randint(np.iinfo(np.int32).max))
+                fold.centroids_ = fold._fit_kmeans(
+                    features[torch.as_tensor(kept, device=features.device)], seed, n_clusters
                 )
-            scores[held_out] = fold._anomaly_scores(X[held_out])
+            scores[held_out] = fold._anomaly_scores(images)
         return scores
 
     # ------------------------------------------------------------------ scoring
