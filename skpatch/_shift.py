@@ -134,7 +134,7 @@ class ImageShiftDetector(MetaEstimatorMixin, OutlierMixin, BaseEstimator):
     mean keeps the calibration of ``offset_`` roughly valid: the shifted
     copies of a normal image score a little worse than the image itself.
     With :class:`NPadDetector`'s cross-fitted ``offset_`` on ELPV mono
-    (``contamination=0.1``, ``max_shift=4``), 12 % of 50 normal test
+    (``contamination=0.1``, ``max_shift=4``), 10 % of 50 normal test
     images were flagged shifted, 6 % unshifted.
 
     Scoring costs one CNN pass and one detector scoring per copy:
