@@ -1,3 +1,5 @@
+import pickle
+
 import joblib
 import numpy as np
 import pytest
@@ -249,7 +251,7 @@ def test_partial_fit_checks_grid_and_channels():
         PatchCoreDetector(denoising="lof").partial_fit(embeddings(n=3))
 
 
-def test_partial_fit_persistence(tmp_path):
+def test_partial_fit_persistence(tmp_path, monkeypatch):
     X = embeddings(n=40)
     det = _stream(PatchCoreDetector(0.1, max_patches=200, random_state=0, map_size=None), X, 8)
     path = tmp_path / "pc.joblib"
@@ -259,6 +261,16 @@ def test_partial_fit_persistence(tmp_path):
     assert not hasattr(loaded, "_store") and loaded.memory_bank_.shape == (20, 6)
     # the saved detector's own stream is left as it was: a checkpoint changes nothing
     assert "_store" in det.__dict__
+    # until the stream goes on, it scores with the model saved, selected once
+    calls = []
+    select = PatchCoreDetector._select_coreset
+    monkeypatch.setattr(PatchCoreDetector, "_select_coreset",
+                        lambda *args: calls.append(1) or select(*args))
+    np.testing.assert_array_equal(det.memory_bank_, loaded.memory_bank_)
+    np.testing.assert_array_equal(det.score_samples(X[:5]), loaded.score_samples(X[:5]))
+    assert det.offset_ == loaded.offset_
+    assert pickle.loads(pickle.dumps(det)).__dict__.keys() == loaded.__dict__.keys()
+    assert calls == []
     det.partial_fit(X[:4])
     unsaved.partial_fit(X[:4])
     np.testing.assert_array_equal(det.memory_bank_, unsaved.memory_bank_)

@@ -26,6 +26,8 @@ _LAZY = ("memory_bank_", "memory_weights_", "n_patches_stored_", "lof_threshold_
 # The state of a partial fit that is not finalized yet.
 _STREAM = ("_store", "_store_groups", "_n_stored", "_n_offered", "_n_images_seen",
            "_calibration_sample", "_calibration_ids", "_calibration_offered")
+# What of it the finalized model drops (the images seen stay counted).
+_STORE = tuple(name for name in _STREAM if name != "_n_images_seen")
 
 
 def _patches(x):
@@ -514,12 +516,17 @@ class PatchCoreDetector(BasePatchDetector):
     def __getstate__(self):
         if "_store" not in self.__dict__:
             return super().__getstate__()
-        # Save the coreset, not the store, selected on a shallow copy: this
-        # detector's stream may go on after a checkpoint, from its store.
-        finalized = object.__new__(type(self))
-        finalized.__dict__.update(self.__dict__)
-        finalized._finalize()
-        return finalized.__getstate__()
+        # Save the coreset, not the store. It is selected on a shallow copy,
+        # as this detector's stream may go on from its store after a
+        # checkpoint, and kept: until the next partial_fit this detector
+        # scores with the model saved, without selecting it again.
+        if any(name not in self.__dict__ for name in _LAZY):
+            finalized = object.__new__(type(self))
+            finalized.__dict__.update(self.__dict__)
+            finalized._finalize()
+            self.__dict__.update({name: finalized.__dict__[name] for name in _LAZY})
+        state = super().__getstate__()
+        return {key: value for key, value in state.items() if key not in _STORE}
 
     # ------------------------------------------------------------------ scoring
     def _bank(self, device):
