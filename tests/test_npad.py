@@ -295,6 +295,14 @@ def test_cross_fitted_banks_cluster_the_models_features_of_their_images(monkeypa
         assert kept == sorted(kept) and len(kept) == 8
         held_out.append(set(range(len(X))) - set(kept))
     assert set().union(*held_out) == set(range(len(X)))
+    # a sample of one feature: the fold that holds its image out draws its own
+    draws = []
+    kmeans_sample = NPadDetector._kmeans_sample
+    monkeypatch.setattr(NPadDetector, "_kmeans_sample",
+                        lambda self, n, rng: draws.append(n) or kmeans_sample(self, n, rng))
+    calls.clear()
+    det.set_params(kmeans_max_samples=1).fit(X)
+    assert draws == [12, 8] and len(calls) == 4
 
 
 @pytest.mark.parametrize("p, q", [(11, 2), (3, 11), (9, 9)])

@@ -430,15 +430,17 @@ class NPadDetector(BaseGaussianDetector):
             index=self._channel_index(device),
         )
 
-    def _aggregated_statistics(self, X, device, sample=None):
-        """Moments of the aggregated features (eq. 7, module B; None if unused) and the
-        k-means features at the flat indices ``sample`` (:meth:`_kmeans_sample`; None if None).
+    def _aggregated_statistics(self, X, device, sample=None, moments=True):
+        """Moments of the aggregated features (eq. 7, module B; None if unused or not
+        ``moments``) and the k-means features at the flat indices ``sample``
+        (:meth:`_kmeans_sample`; None if None).
         """
-        moments, collected = None, []
+        collected = []
         chunks = self._aggregated_chunks(X, device, sample, collected)
-        if self._uses_aggregated:
+        if moments and self._uses_aggregated:
             moments = _gaussian.chunked_moments(chunks)
         else:
+            moments = None
             for _ in chunks:
                 pass
         return moments, None if sample is None else torch.cat(collected)
@@ -536,7 +538,8 @@ class NPadDetector(BaseGaussianDetector):
         less the fold's own (:func:`~skpatch._gaussian.downdate_moments_`):
         one more pass over the images in all, not one per fold. Its centroid
         bank clusters the model's k-means ``features`` (at ``sample``) of its
-        images into as many centroids as the model's bank.
+        images into as many centroids as the model's bank (a sample that
+        misses all its images, with a tiny ``kmeans_max_samples``: its own).
         """
         n_images = len(X)
         n_positions = self.grid_shape_[0] * self.grid_shape_[1]
@@ -566,10 +569,17 @@ class NPadDetector(BaseGaussianDetector):
                     del own
             if features is not None:
                 kept = ~np.isin(sample // n_positions, held_out)
+                if kept.any():
+                    fold_features = features[torch.as_tensor(kept, device=features.device)]
+                else:
+                    # a sample too small to reach the fold's images (kmeans_max_samples):
+                    # the fold draws its own, at the cost of a pass over its images
+                    rest = _Rows(X, np.setdiff1d(np.arange(n_images), held_out))
+                    fold_features = self._aggregated_statistics(
+                        rest, device, self._kmeans_sample(len(rest), rng), moments=False
+                    )[1]
                 seed = int(rng.randint(np.iinfo(np.int32).max))
-                fold.centroids_ = fold._fit_kmeans(
-                    features[torch.as_tensor(kept, device=features.device)], seed, n_clusters
-                )
+                fold.centroids_ = fold._fit_kmeans(fold_features, seed, n_clusters)
             scores[held_out] = fold._anomaly_scores(images)
         return scores
 
