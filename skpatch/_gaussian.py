@@ -137,14 +137,17 @@ def merge_moments_(first, second):
     return count, mean_a, scatter_a
 
 
-def downdate_moments_(total, part):
-    """The moments of the samples of ``total`` that are not in ``part``.
+def downdate_moments_(total, part, min_share=0.01):
+    """The moments of the samples of ``total`` that are not in ``part``, or None.
 
     :func:`merge_moments` solved for its first triple: with ``n_a = n - n_b``,
     ``μ_a = μ + (μ - μ_b) n_b / n_a`` and ``S_a = S - S_b - (n_a n_b / n) δδᵀ``,
     ``δ = μ_b - μ_a``. ``S_a`` is written over ``part``'s scatter; ``total``
-    is not modified. ``part`` must be a strict subset of ``total``'s samples
-    (which this cannot check).
+    is not modified. ``part`` must be a subset of ``total``'s samples (which
+    this cannot check). None, with nothing written, where the subtraction
+    would cancel: where ``S_a`` holds less than ``min_share`` of ``S``'s
+    trace at some position, its rounding errors (those of ``S``) can exceed
+    its small eigenvalues and the ridge; compute those moments directly.
     """
     count, mean, scatter = total
     n_b, mean_b, scatter_b = part
@@ -153,8 +156,13 @@ def downdate_moments_(total, part):
         raise ValueError(f"cannot remove {n_b} samples from {count}")
     mean_a = torch.add(mean, mean - mean_b, alpha=n_b / n_a)
     delta = mean_b - mean_a
+    alpha = n_a * n_b / count
+    trace = scatter.diagonal(dim1=-2, dim2=-1).sum(-1)
+    trace_a = trace - scatter_b.diagonal(dim1=-2, dim2=-1).sum(-1) - alpha * delta.square().sum(-1)
+    if bool((trace_a < min_share * trace).any()):
+        return None
     scatter_a = scatter_b.neg_().add_(scatter)
-    scatter_a.baddbmm_(delta.unsqueeze(2), delta.unsqueeze(1), alpha=-n_a * n_b / count)
+    scatter_a.baddbmm_(delta.unsqueeze(2), delta.unsqueeze(1), alpha=-alpha)
     return n_a, mean_a, scatter_a
 
 

@@ -69,6 +69,16 @@ def test_downdate_removes_a_subset(held):
         _gaussian.downdate_moments_(total, batch_moments(x))
 
 
+def test_downdate_declines_where_the_part_holds_nearly_all_the_scatter():
+    x = _x(positions=3)
+    x[1, 0] *= 1e3  # one sample dwarfs the others at one position
+    total, part = batch_moments(x), batch_moments(x[:, :1])
+    part_scatter = part[2].clone()
+    assert _gaussian.downdate_moments_(total, part) is None
+    np.testing.assert_array_equal(part[2], part_scatter)  # nothing written
+    assert _gaussian.downdate_moments_(total, part, min_share=0) is not None
+
+
 def test_regularized_covariance_is_eq1():
     x = _x()
     count, _, scatter = batch_moments(x)

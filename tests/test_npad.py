@@ -239,14 +239,17 @@ def test_cross_fitted_offset_flags_about_contamination_of_new_images():
     assert flagged_in_sample > 0.3 and flagged_cross < 0.2
 
 
-def test_cross_fitted_offset_is_the_folds_out_of_fold_quantile(monkeypatch):
+@pytest.mark.parametrize("outlier_scale", [1, 300])
+def test_cross_fitted_offset_is_the_folds_out_of_fold_quantile(monkeypatch, outlier_scale):
     # Without the centroid bank, a fold's detector is the one fitted on the
     # other folds' images (its statistics come from the model's, less the
-    # fold's own).
+    # fold's own; summed anew when one image dwarfs the others, where the
+    # subtraction would cancel in float32).
     from skpatch.detectors import _npad
 
     monkeypatch.setattr(_npad, "_CALIBRATION_FOLDS", 3)
     X = embeddings(n=12, dtype=np.float32)
+    X[5] *= outlier_scale
     params = dict(n_features=None, map_size=None, image_score="max")
     det = NPadDetector(random_state=0, **params).fit(X)
     # the same folds, drawn after the model's own draws from the same generator

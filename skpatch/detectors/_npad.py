@@ -551,6 +551,7 @@ class NPadDetector(BaseGaussianDetector):
         for held_out in folds:
             held_out = np.sort(held_out)
             images = _Rows(X, held_out)
+            rest = _Rows(X, np.setdiff1d(np.arange(n_images), held_out))
             fold = clone(self)
             fold.n_features_in_, fold.grid_shape_ = self.n_features_in_, self.grid_shape_
             fold.feature_indices_ = self.feature_indices_
@@ -558,15 +559,21 @@ class NPadDetector(BaseGaussianDetector):
             with warnings.catch_warnings():
                 # the model's own fit warns, if at all
                 warnings.simplefilter("ignore", DegenerateTrainingSetWarning)
-                # one module at a time: one set of the fold's (P, d, d) arrays
+                # One module at a time: one set of the fold's (P, d, d) arrays.
+                # Summed anew where the fold's images hold nearly all the
+                # scatter (the subtraction would cancel).
                 if plain is not None:
-                    own = self._plain_moments(images, device)
-                    fold._fit_weighted(_gaussian.downdate_moments_(plain, own))
-                    del own
+                    moments = _gaussian.downdate_moments_(
+                        plain, self._plain_moments(images, device)
+                    ) or self._plain_moments(rest, device)
+                    fold._fit_weighted(moments)
+                    del moments
                 if aggregated is not None:
-                    own = self._aggregated_statistics(images, device)[0]
-                    fold._fit_aggregated(_gaussian.downdate_moments_(aggregated, own))
-                    del own
+                    moments = _gaussian.downdate_moments_(
+                        aggregated, self._aggregated_statistics(images, device)[0]
+                    ) or self._aggregated_statistics(rest, device)[0]
+                    fold._fit_aggregated(moments)
+                    del moments
             if features is not None:
                 kept = ~np.isin(sample // n_positions, held_out)
                 if kept.any():
@@ -574,7 +581,6 @@ class NPadDetector(BaseGaussianDetector):
                 else:
                     # a sample too small to reach the fold's images (kmeans_max_samples):
                     # the fold draws its own, at the cost of a pass over its images
-                    rest = _Rows(X, np.setdiff1d(np.arange(n_images), held_out))
                     fold_features = self._aggregated_statistics(
                         rest, device, self._kmeans_sample(len(rest), rng), moments=False
                     )[1]
