@@ -534,12 +534,14 @@ class NPadDetector(BaseGaussianDetector):
         The images are split into ``_CALIBRATION_FOLDS`` random folds (fewer
         with fewer images). A fold's detector has this one's parameters and
         channels (§3.1's selection counts over every image: not redone per
-        fold, for little change), and its moments are the model's (``plain``, ``aggregated``)
-        less the fold's own (:func:`~skpatch._gaussian.downdate_moments_`):
-        one more pass over the images in all, not one per fold. Its centroid
-        bank clusters the model's k-means ``features`` (at ``sample``) of its
-        images into as many centroids as the model's bank (a sample that
-        misses all its images, with a tiny ``kmeans_max_samples``: its own).
+        fold, for little change). Its moments are the model's (``plain``,
+        ``aggregated``) less the fold's own
+        (:func:`~skpatch._gaussian.downdate_moments_`; summed anew where that
+        would cancel): one more pass over the images in all, not one per
+        fold. Its centroid bank clusters the model's k-means ``features`` (at
+        ``sample``) of its images into as many centroids as the model's bank
+        (a sample that misses all its images, with a tiny
+        ``kmeans_max_samples``: its own).
         """
         n_images = len(X)
         n_positions = self.grid_shape_[0] * self.grid_shape_[1]
