@@ -171,8 +171,9 @@ for name, row in results.items():
 # cells differ overall than about the defects (it can fall below 0.5),
 # while its maps, which compare patches, localize as well as any. The
 # Gaussian detectors (PaDiM, RPaDiM) are the cheapest to fit and to run;
-# N-pad (a clustering of the patches), PatchCore (a coreset) and PNI (a
-# coreset and an MLP trained on the patches) pay at fit time. The times
+# N-pad (a clustering of the patches, and five fold fits for its
+# threshold), PatchCore (a coreset) and PNI (a coreset and an MLP trained
+# on the patches) pay at fit time. The times
 # were measured on whatever machine built this page: compare them with each
 # other, not with another machine's.
 
