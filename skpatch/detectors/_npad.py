@@ -415,10 +415,14 @@ class NPadDetector(BaseGaussianDetector):
                 collected.append(agg[flat % n_positions, flat // n_positions])
             yield agg
 
+    def _n_clusters(self, n_samples):
+        """Centroids of a bank clustered from ``n_samples`` features (Table 4's ratio)."""
+        return max(1, math.ceil(self.kmeans_ratio * n_samples))
+
     def _fit_kmeans(self, samples, seed, n_clusters=None):
-        """The centroid bank: ``n_clusters`` (``kmeans_ratio`` of the samples when None)."""
+        """The centroid bank: ``n_clusters`` (:meth:`_n_clusters` of the samples when None)."""
         if n_clusters is None:
-            n_clusters = max(1, math.ceil(self.kmeans_ratio * len(samples)))
+            n_clusters = self._n_clusters(len(samples))
         generator = torch.Generator().manual_seed(seed)
         centroids, self.kmeans_n_iter_ = _npad_kernels.kmeans(samples, n_clusters, generator)
         return to_numpy(centroids)
@@ -545,9 +549,7 @@ class NPadDetector(BaseGaussianDetector):
         """
         n_images = len(X)
         n_positions = self.grid_shape_[0] * self.grid_shape_[1]
-        n_clusters = None
-        if features is not None:
-            n_clusters = max(1, math.ceil(self.kmeans_ratio * len(features)))
+        n_clusters = None if features is None else self._n_clusters(len(features))
         scores = self._empty_scores(X)
         folds = np.array_split(rng.permutation(n_images), min(_CALIBRATION_FOLDS, n_images))
         for held_out in folds:
