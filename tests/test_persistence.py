@@ -178,3 +178,18 @@ def test_skops_documented_list_matches_the_doc():
     for name in detector_names():
         for type_name in _trusted_types(name):
             assert type_name in text, f"{type_name} is not listed in {page.name}"
+
+
+@pytest.mark.parametrize("Detector", [skpatch.PaDiMDetector, skpatch.PatchCoreDetector])
+def test_a_one_image_stream_is_saved_and_goes_on(Detector):
+    # One image makes no model yet: offset_ is absent (not an error), scoring
+    # says why, and neither that nor saving loses the stream.
+    X = np.random.RandomState(0).normal(size=(5, 8, 4, 4)).astype(np.float32)
+    expected = Detector(map_size=None, random_state=0).partial_fit(X[:1]).partial_fit(X[1:])
+    detector = Detector(map_size=None, random_state=0).partial_fit(X[:1])
+    assert not hasattr(detector, "offset_")
+    with pytest.raises(ValueError, match="at least 2 samples"):
+        detector.score_samples(X)
+    detector = pickle.loads(pickle.dumps(detector)).partial_fit(X[1:])
+    np.testing.assert_array_equal(detector.score_samples(X), expected.score_samples(X))
+    assert detector.offset_ == expected.offset_

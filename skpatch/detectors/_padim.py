@@ -346,7 +346,8 @@ class PaDiMDetector(BaseGaussianDetector):
         if name in ("mean_", "scatter_") and "_running" in state:
             state[name] = to_numpy(state["_running"][1 if name == "mean_" else 2])
             return state[name]
-        if name in ("offset_", "_train_scores") and "_calibration_sample" in state:
+        if (name in ("offset_", "_train_scores") and "_calibration_sample" in state
+                and state.get("n_samples_seen_", 0) >= 2):
             self._calibrate_on_sample()
             return state[name]
         if name == "precision_cholesky_" and state.get("n_samples_seen_", 0) >= 2:
@@ -369,9 +370,10 @@ class PaDiMDetector(BaseGaussianDetector):
         state.pop("_running", None)
         if "scatter_" in state:
             state.pop("precision_cholesky_", None)
-        if "_calibration_sample" in state:
+        if "_calibration_sample" in state and self.n_samples_seen_ >= 2:
             # Save offset_ (computed now), not the sample: the file stays small;
             # a later partial_fit starts a new sample from its own images.
+            # (With one image there is no offset_ yet: the sample is saved.)
             state["offset_"] = self.offset_
             state["_train_scores"] = self._train_scores
             for key in ("_calibration_sample", "_n_offered"):

@@ -480,16 +480,21 @@ class PatchCoreDetector(BasePatchDetector):
         self._calibration_sample, self._calibration_ids = sample, ids
         self._calibration_offered = offered + len(X)
 
+    def _can_finalize(self):
+        """Whether the store makes a model: 2 images, or 1 after a restart from a bank."""
+        restarted = (self._store_groups[: self._n_stored] < 0).any()
+        return restarted or self._n_images_seen >= 2
+
     def _finalize(self):
         """Coreset, memory bank and ``offset_`` from the store; frees the store."""
+        if not self._can_finalize():  # checked first: the stream stays whole
+            self._check_n_samples(self._n_images_seen, 2, type(self).__name__)
         state = self.__dict__
         store = state.pop("_store")[: self._n_stored]
         store_groups = state.pop("_store_groups")[: self._n_stored]
         sample, ids = state.pop("_calibration_sample"), state.pop("_calibration_ids")
         for attribute in ("_n_stored", "_n_offered", "_calibration_offered"):
             state.pop(attribute, None)
-        if not (store_groups < 0).any():
-            self._check_n_samples(self._n_images_seen, 2, type(self).__name__)
         device = resolve_device(self.device)
         with torch.inference_mode():
             picks = self._select_coreset(store, check_random_state(self.random_state), device)
@@ -508,13 +513,14 @@ class PatchCoreDetector(BasePatchDetector):
         # Called only for attributes not set: after partial_fit, the coreset,
         # the memory bank and offset_ are computed once, when first needed, so
         # that the greedy selection runs once on the final store.
-        if name in _LAZY and "_store" in self.__dict__:
+        if name in _LAZY and "_store" in self.__dict__ and self._can_finalize():
             self._finalize()
             return self.__dict__[name]
         raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
 
     def __getstate__(self):
-        if "_store" not in self.__dict__:
+        if "_store" not in self.__dict__ or not self._can_finalize():
+            # No model yet (one image): the stream itself is saved.
             return super().__getstate__()
         # Save the coreset, not the store. It is selected on a shallow copy,
         # as this detector's stream may go on from its store after a
@@ -529,6 +535,11 @@ class PatchCoreDetector(BasePatchDetector):
         return {key: value for key, value in state.items() if key not in _STORE}
 
     # ------------------------------------------------------------------ scoring
+    def _check_scorable(self):
+        super()._check_scorable()
+        if "_store" in self.__dict__ and not self._can_finalize():
+            self._check_n_samples(self._n_images_seen, 2, type(self).__name__)
+
     def _bank(self, device):
         return self._fitted_tensor("memory_bank_", device), self._fitted_tensor(
             "memory_weights_", device
