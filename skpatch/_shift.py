@@ -32,6 +32,8 @@ def _as_image_array(X):
             f"X of shape {X.shape}: ImageShiftDetector needs images (n, H, W) or "
             "(n, H, W, 3), the input of a pipeline that starts with PatchEmbedder."
         )
+    if len(X) == 0:
+        raise ValueError(f"X of shape {X.shape} holds no image; ImageShiftDetector needs at least 1.")
     return X
 
 
@@ -92,7 +94,7 @@ class ImageShiftDetector(MetaEstimatorMixin, OutlierMixin, BaseEstimator):
 
     Parameters
     ----------
-    estimator : Pipeline or detector
+    estimator : Pipeline
         Usually ``make_pipeline(PatchEmbedder(...), NPadDetector(...))``
         (see :func:`make_npad_pipeline`); any pipeline whose last step has
         ``score_samples`` and ``anomaly_map`` and whose input is images.
@@ -187,6 +189,17 @@ class ImageShiftDetector(MetaEstimatorMixin, OutlierMixin, BaseEstimator):
         self : ImageShiftDetector
             The fitted wrapper.
         """
+        from .detectors import BasePatchDetector  # the detectors import this module
+
+        transformers, detector = _split(self.estimator)
+        if not transformers and isinstance(detector, BasePatchDetector):
+            # it would take the embeddings' channel axis for image rows
+            name = type(detector).__name__
+            raise TypeError(
+                f"ImageShiftDetector shifts images, and {name} takes patch embeddings: "
+                f"wrap a pipeline that embeds the images first, e.g. "
+                f"make_pipeline(PatchEmbedder(), {name}())."
+            )
         self.estimator_ = clone(self.estimator).fit(X, y)
         radius = self.max_shift // 2
         self.shifts_ = [(a, b) for a in range(-radius, radius + 1)

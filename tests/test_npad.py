@@ -385,6 +385,22 @@ def test_shifted_maps_are_realigned():
     assert not np.allclose(maps[:, 4:-4, 4:-4], 0.5, atol=0.1)
 
 
+@pytest.mark.parametrize("wrap", [lambda d: d, make_pipeline])
+def test_image_shift_refuses_a_detector_of_embeddings(wrap):
+    # Shifting (n, C, h, w) embeddings as images would shift channels and rows.
+    X = np.random.RandomState(0).rand(8, 16, 6, 6).astype(np.float32)
+    model = ImageShiftDetector(wrap(NPadDetector(map_size=None)), max_shift=2)
+    with pytest.raises(TypeError, match="takes patch embeddings.*PatchEmbedder"):
+        model.fit(X)
+
+
+def test_image_shift_names_an_empty_input():
+    images = np.random.RandomState(0).uniform(size=(3, 12, 12)).astype(np.float32)
+    model = ImageShiftDetector(make_pipeline(FunctionTransformer(), _ImageAsMap()), max_shift=2)
+    with pytest.raises(ValueError, match="holds no image"):
+        model.fit(images).score_samples(images[:0])
+
+
 def test_grouped_shifts_take_any_array_like_embeddings():
     # a transformer that returns a list: the grouped copies are stacked into an array
     images = np.random.RandomState(0).uniform(size=(3, 12, 12)).astype(np.float32)
