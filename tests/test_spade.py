@@ -95,3 +95,5 @@ def test_pipeline_sets_global_channels_and_persists(images, tmp_path):
     )
     assert explicit[-1].global_channels == 3
     assert make_spade_pipeline(embedder_params={"layers": ("stage2",)})[-1].global_channels == 40
+    # layers=None is PatchEmbedder's "the backbone's default"
+    assert make_spade_pipeline(embedder_params={"layers": None})[-1].global_channels == 112

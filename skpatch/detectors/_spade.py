@@ -305,8 +305,9 @@ def make_spade_pipeline(
     >>> pipe.fit(images).score_samples(images).shape
     (8,)
     """
-    params = {"layers": tuple(get_backbone(backbone).default_layers), **(embedder_params or {})}
-    layers = params["layers"]
+    default = tuple(get_backbone(backbone).default_layers)
+    params = {"layers": default, **(embedder_params or {})}
+    layers = default if params["layers"] is None else params["layers"]  # None: as PatchEmbedder
     last = layers if isinstance(layers, str) else layers[-1]
     detector_params = {"global_channels": _layer_channels(backbone, last), **detector_params}
     return make_pipeline(
