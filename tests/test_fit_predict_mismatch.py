@@ -7,6 +7,7 @@ doc/modules/reliability.rst).
 """
 
 import numpy as np
+import pandas as pd
 import pytest
 from sklearn.exceptions import NotFittedError
 
@@ -66,6 +67,16 @@ def test_two_d_and_one_patch_grids_are_the_same_input(name):
     detector = make_detector(name, map_size=None).fit(flat)
     grid = detector.score_samples(flat[:4, :, None, None])
     np.testing.assert_allclose(grid, detector.score_samples(flat[:4]), rtol=1e-6)
+
+
+@pytest.mark.parametrize("name", detector_names())
+def test_refit_on_embeddings_forgets_the_column_names(name):
+    flat = X[:, :, 0, 0]
+    columns = pd.DataFrame(flat, columns=[f"c{i}" for i in range(flat.shape[1])])
+    detector = make_detector(name, map_size=None).fit(columns)
+    assert len(detector.feature_names_in_) == flat.shape[1]
+    detector.fit(X[:, :5])
+    assert detector.n_features_in_ == 5 and not hasattr(detector, "feature_names_in_")
 
 
 @pytest.mark.parametrize("name", detector_names())

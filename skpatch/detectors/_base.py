@@ -226,6 +226,8 @@ class BasePatchDetector(OutlierMixin, BaseEstimator):
     def _check_features(self, n_features, reset):
         if reset:
             self.n_features_in_ = n_features
+            # column names of an earlier 2-D fit no longer apply (validate_data's reset)
+            self.__dict__.pop("feature_names_in_", None)
         elif n_features != self.n_features_in_:
             raise ValueError(
                 f"X has {n_features} features, but {type(self).__name__} is expecting "
