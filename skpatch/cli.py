@@ -428,6 +428,23 @@ def _list_inputs(inputs, recursive):
     return items
 
 
+def _map_name(relative):
+    """The heat map's path in ``--maps``: the image's, as a PNG."""
+    return relative.with_suffix(".png")
+
+
+def _check_map_names(items):
+    """Refuse inputs whose heat maps would overwrite each other."""
+    first = {}
+    for path, relative in items:
+        other = first.setdefault(_map_name(relative), path)
+        if other != path:
+            raise CommandLineError(
+                f"{other} and {path} would both write the heat map {_map_name(relative)}: "
+                "score them in separate runs with different --maps folders, or rename one"
+            )
+
+
 # --------------------------------------------------------------------------
 # progress
 # --------------------------------------------------------------------------
@@ -685,11 +702,14 @@ def _score(args):
     # A Pipeline embeds each batch once for both the scores and the maps; a
     # meta-estimator on images (N-pad's image shifting) takes the paths.
     transformers, detector = _split(model)
-    embedder = _find_embedder(model)
+    # The options go to the estimators that score: a meta-estimator's fitted
+    # clone (estimator_), not its unfitted template.
+    fitted = getattr(model, "estimator_", model)
+    embedder = _find_embedder(fitted)
     if args.device is not None:
         # Every ``device`` parameter, nested ones included (embedder, detector).
-        names = [k for k in model.get_params(deep=True) if k.split("__")[-1] == "device"]
-        model.set_params(**dict.fromkeys(names, args.device))
+        names = [k for k in fitted.get_params(deep=True) if k.split("__")[-1] == "device"]
+        fitted.set_params(**dict.fromkeys(names, args.device))
     if args.batch_size is not None:
         embedder.set_params(batch_size=args.batch_size)
     if len(transformers) == 1 and transformers[0] is embedder:
@@ -698,6 +718,8 @@ def _score(args):
     offset = float(detector.offset_)
     vmin, vmax = _color_scale(args, -offset) if args.maps else (None, None)
     maps_dir = Path(args.maps) if args.maps else None
+    if maps_dir is not None:
+        _check_map_names(items)
 
     csv_file = open(args.csv, "w", newline="") if args.csv else sys.stdout
     n_anomalous = 0
@@ -721,7 +743,7 @@ def _score(args):
                 if maps_dir is not None:
                     for (path, relative), heat in zip(batch, detector.anomaly_map(X)):
                         _save_heatmap(
-                            (maps_dir / relative).with_suffix(".png"),
+                            maps_dir / _map_name(relative),
                             _seen_image(path, embedder), heat, vmin, vmax, args.alpha,
                         )
                 bar.update(len(batch))

@@ -198,6 +198,34 @@ def test_score_device_option_reaches_every_step(folders, monkeypatch):
     assert seen == [{"patchembedder__device": "cpu", "padimdetector__device": "cpu"}]
 
 
+def test_score_options_reach_the_fitted_pipeline_of_image_shifting(folders, capsys):
+    # N-pad's ImageShiftDetector scores with its fitted clone, estimator_: a
+    # device set on its unfitted template only was silently ignored.
+    model_path = _fit(folders, "-p", "max_shift=2", detector="npad")
+    argv = ["score", "--model", str(model_path), str(folders / "test"), "--device", "nodevice",
+            "--csv", str(folders / "s.csv"), "-q"]
+    assert "nodevice" in _error(argv, capsys)
+
+
+@pytest.mark.parametrize("clash", ["two folders", "two extensions"])
+def test_score_refuses_heat_maps_that_overwrite_each_other(folders, clash, capsys):
+    model_path = _fit(folders, "-p", "n_features=10")
+    other = folders / "other"
+    other.mkdir()
+    image = Image.open(folders / "test" / "ok_0.png")
+    if clash == "two folders":
+        image.save(other / "ok_0.png")
+        inputs = [str(folders / "test"), str(other)]
+    else:
+        image.save(folders / "test" / "ok_0.jpg")
+        inputs = [str(folders / "test")]
+    maps = folders / "maps"
+    argv = ["score", "--model", str(model_path), *inputs, "--maps", str(maps), "-q"]
+    assert main(argv) == 1
+    assert "would both write the heat map ok_0.png" in capsys.readouterr().err
+    assert not maps.exists()
+
+
 def test_jet_colormap_runs_from_blue_to_red():
     colors = _jet(np.array([0.0, 0.5, 1.0, -3.0, 7.0]))
     np.testing.assert_array_equal(
