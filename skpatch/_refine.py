@@ -140,12 +140,14 @@ class AnomalyMapRefiner(MetaEstimatorMixin, OutlierMixin, BaseEstimator):
         ``k - 1`` folds, so the network trains on maps like those it will
         refine (``k`` extra fits).
     max_images : int or None, default=200
-        At most this many defective images (a random subset); bounds the
-        cached encoder features (about 0.5 MB per 224 x 224 image).
+        At most this many defective images (a random subset, at least 2);
+        bounds the cached encoder features (about 0.5 MB per 224 x 224
+        image).
     n_epochs : int, default=10
         Passes over the defective images.
     batch_size : int, default=8
-        Images per gradient step.
+        Images per gradient step, at least 2 (batch norm); a last batch of
+        one image joins the batch before it.
     learning_rate : float, default=1e-3
         Adam's learning rate.
     width : int, default=16
@@ -220,9 +222,9 @@ class AnomalyMapRefiner(MetaEstimatorMixin, OutlierMixin, BaseEstimator):
         "kinds": [list, tuple, str],
         "n_copies": [Interval(Integral, 1, None, closed="left")],
         "map_folds": [Interval(Integral, 2, None, closed="left"), None],
-        "max_images": [Interval(Integral, 1, None, closed="left"), None],
+        "max_images": [Interval(Integral, 2, None, closed="left"), None],
         "n_epochs": [Interval(Integral, 0, None, closed="left")],
-        "batch_size": [Interval(Integral, 1, None, closed="left")],
+        "batch_size": [Interval(Integral, 2, None, closed="left")],  # batch norm
         "learning_rate": [Interval(Real, 0, None, closed="neither")],
         "width": [Interval(Integral, 1, None, closed="left")],
         "image_score": [StrOptions({"coarse", "refined"})],
@@ -378,7 +380,9 @@ class AnomalyMapRefiner(MetaEstimatorMixin, OutlierMixin, BaseEstimator):
 
         encoder, extractor, spec, device = self._encoder()
         cache = []
-        for batch in gen_batches(len(defective), self.batch_size):
+        # Batch norm trains on batches of 2 or more: a last lone image joins
+        # the batch before it.
+        for batch in gen_batches(len(defective), self.batch_size, min_batch_size=2):
             image, amap, features = self._inputs(
                 defective[batch], coarse[batch], encoder, extractor, spec, device
             )
@@ -398,8 +402,6 @@ class AnomalyMapRefiner(MetaEstimatorMixin, OutlierMixin, BaseEstimator):
                 total = 0.0
                 for i in torch.randperm(len(cache), generator=generator).tolist():
                     image, amap, features, target = cache[i]
-                    if len(image) < 2:  # batch norm needs two samples
-                        continue
                     refined = torch.sigmoid(network(image, amap, features))
                     loss = refinement_loss(refined, target)
                     optimizer.zero_grad(set_to_none=True)

@@ -69,6 +69,23 @@ def test_fit_trains_on_synthetic_defects_and_refines(images):
     assert set(model.predict(images)) <= {-1, 1}
 
 
+def test_every_image_trains_in_batches_of_two_or_more(images, monkeypatch):
+    # Batch norm needs 2 images: a lone last image joins the batch before it
+    # (it was skipped, and batch_size=1 trained nothing and reported 0 loss).
+    seen = []
+
+    def spy(refined, target):
+        seen.append(len(refined))
+        return refinement_loss(refined, target)
+
+    monkeypatch.setattr("skpatch._refine.refinement_loss", spy)
+    _refiner(n_epochs=1, batch_size=4, max_images=9).fit(images)
+    assert sorted(seen) == [4, 5]
+    for bad in ({"batch_size": 1}, {"max_images": 1}):
+        with pytest.raises(ValueError, match=f"'{next(iter(bad))}' parameter"):
+            _refiner(**bad).fit(images)
+
+
 def test_same_seed_same_network_and_pickle(images):
     a = _refiner().fit(images)
     b = _refiner().fit(images)
