@@ -1303,7 +1303,19 @@ def make_synthetic_defects(
     >>> bool((defective[~masks] == images[~masks]).all())
     True
     """
+    if isinstance(images, (list, tuple)):
+        shapes = {np.shape(image) for image in images}
+        if len(shapes) > 1:
+            raise ValueError(
+                f"images of {len(shapes)} different shapes ({', '.join(map(str, sorted(shapes)[:3]))}"
+                f"{', ...' if len(shapes) > 3 else ''}): pass images of one size at a time"
+            )
     X = np.asarray(images)
+    if X.ndim == 3 and X.shape[-1] == 3 and min(X.shape[:2]) > 4:
+        raise ValueError(
+            f"images of shape {X.shape} look like a single RGB image; pass images[None] "
+            "for one image, or an array (n, H, W) of grayscale images"
+        )
     if X.ndim not in (3, 4) or (X.ndim == 4 and X.shape[-1] not in (1, 3)):
         raise ValueError(
             "images must have shape (n, H, W) or (n, H, W, C) with C in {1, 3}, "

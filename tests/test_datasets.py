@@ -445,6 +445,8 @@ def test_synthetic_defects_flat_images():
         (np.zeros((2, 8, 8), np.uint8), {"n_defects": 0}, "n_defects"),
         (np.zeros((2, 8, 8), np.uint8), {"n_defects": 1.5}, "n_defects"),
         (np.zeros((8, 8), np.uint8), {}, r"images\[None\]"),
+        (np.zeros((16, 16, 3), np.uint8), {}, r"single RGB image.*images\[None\]"),
+        ([np.zeros((8, 8)), np.zeros((8, 9))], {}, "2 different shapes"),
         (np.zeros((2, 8, 8, 2), np.uint8), {}, "shape"),
         (np.zeros((2, 8, 8), np.int32), {}, "uint8 or float"),
         (np.full((2, 8, 8), 2.0), {}, r"\[0, 1\]"),
