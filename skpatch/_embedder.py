@@ -17,7 +17,7 @@ from sklearn.utils import gen_batches
 from sklearn.utils._param_validation import HasMethods, Interval, StrOptions
 from sklearn.utils.validation import check_memory
 
-from ._images import check_images, load_batch
+from ._images import check_images, check_one_size, load_batch
 from ._maps import check_size
 from ._torch_utils import cpu_fallback_state, empty, oom_advice, resolve_device, to_numpy
 from .backbones import FeatureExtractor, get_backbone, load_backbone
@@ -374,6 +374,8 @@ class PatchEmbedder(TransformerMixin, BaseEstimator):
             for row, j in enumerate(missing):
                 found[j] = [f[row] for f in computed]
                 cache.save(keys[j], found[j])
+        # cached maps skip load_batch's check (sizes in feature-map pixels)
+        check_one_size({tuple(arrays[0].shape[-2:]) for arrays in found})
         return [
             torch.from_numpy(np.stack([arrays[k] for arrays in found])).to(device)
             for k in range(len(cache.layers))

@@ -228,10 +228,14 @@ def load_batch(X, batch, image_size, crop_size, mean, std, device):
         preprocess(_decode(item).unsqueeze(0), image_size, crop_size, mean, std, device)
         for item in X[batch]
     ]
-    shapes = {tuple(item.shape) for item in items}
-    if len(shapes) > 1:
+    check_one_size({tuple(item.shape[-2:]) for item in items})
+    return torch.cat(items)
+
+
+def check_one_size(sizes):
+    """Raise if the images of one batch ended their preprocessing in several ``sizes``."""
+    if len(sizes) > 1:
         raise ValueError(
-            f"images of different sizes after preprocessing {sorted(shapes)}; set "
+            f"images of different sizes after preprocessing {sorted(sizes)}; set "
             "crop_size (or a pair image_size=(H, W)) so that every image ends the same size."
         )
-    return torch.cat(items)

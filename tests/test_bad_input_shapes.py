@@ -94,6 +94,16 @@ def test_list_of_mixed_sizes_is_resized_or_refused(embedder):
         embedder.transform(mixed)
 
 
+def test_mixed_sizes_are_refused_with_a_feature_cache(tmp_path):
+    # Cached feature maps skip the image loader's size check: checked anew.
+    mixed = [IMAGES[0], IMAGES[1][:20]]
+    embedder = tiny_embedder(memory=str(tmp_path))
+    embedder.fit_transform(mixed[:1])
+    for X in (mixed, mixed[::-1]):
+        with pytest.raises(ValueError, match="different sizes.*crop_size"):
+            embedder.transform(X)
+
+
 # ---------------------------------------------------------------- images: clear errors
 @pytest.mark.parametrize(
     "X, error, match",
