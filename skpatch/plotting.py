@@ -60,6 +60,16 @@ def _check_image(image, name="image"):
             f"{name} of shape {image.shape}: expected one image (H, W) or (H, W, 3); "
             "for a batch pass images[i]."
         )
+    # Drawn with fixed limits (0-255 for uint8, 0-1 for floats): any other
+    # range would be drawn saturated, e.g. a float image in [0, 255] all white.
+    if image.dtype.kind == "f":
+        if image.size and (np.nanmin(image) < 0 or np.nanmax(image) > 1):
+            raise ValueError(
+                f"{name}: float pixel values must be in [0, 1], got [{np.nanmin(image):.3g}, "
+                f"{np.nanmax(image):.3g}]; divide by 255, or pass uint8."
+            )
+    elif image.dtype != np.uint8:
+        raise ValueError(f"{name} of dtype {image.dtype}: expected uint8 or float in [0, 1].")
     return image
 
 
@@ -71,6 +81,18 @@ def _check_map(anomaly_map, name="anomaly_map"):
             "of maps pass maps[i]."
         )
     return anomaly_map
+
+
+def _check_mask(mask):
+    """One mask ``(H, W)`` (or ``(H, W, 1)``) as booleans, non-zero = anomalous."""
+    mask = np.asarray(mask)
+    if mask.ndim == 3 and mask.shape[-1] == 1:
+        mask = mask[..., 0]
+    if mask.ndim != 2:
+        raise ValueError(
+            f"mask of shape {mask.shape}: expected one mask (H, W); for a batch pass masks[i]."
+        )
+    return mask != 0
 
 
 def _extent(shape):
@@ -134,7 +156,7 @@ def plot_anomaly_map(
     anomaly_map : array-like of shape (h, w)
         Anomaly scores per pixel, higher = more anomalous (one map of
         :func:`skpatch.anomaly_map`).
-    mask : array-like of shape (h', w'), default=None
+    mask : array-like of shape (h', w') or (h', w', 1), default=None
         Ground-truth mask (non-zero = anomalous) to outline.
     threshold : float, default=None
         Outline the pixels whose anomaly score is at least ``threshold``:
@@ -186,7 +208,7 @@ def plot_anomaly_map(
         interpolation="bilinear",
     )
     if mask is not None:
-        _contour(ax, np.asarray(mask) != 0, 0.5, extent, "white")
+        _contour(ax, _check_mask(mask), 0.5, extent, "white")
     if threshold is not None:
         _contour(ax, anomaly_map, threshold, extent, "black")
     if colorbar:

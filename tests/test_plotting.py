@@ -101,6 +101,26 @@ def test_overlay_rejects_batches(image, heat):
         plot_anomaly_map(image, heat)
 
 
+def test_overlay_takes_an_h_w_1_mask_and_names_a_bad_one():
+    image, heat = np.zeros((16, 16), dtype=np.uint8), np.zeros((16, 16))
+    mask = np.zeros((16, 16, 1), dtype=bool)
+    mask[10:14, 10:14] = True
+    assert len(plot_anomaly_map(image, heat, mask=mask).collections) == 1
+    for bad in (np.zeros(16), np.zeros((2, 16, 16))):
+        with pytest.raises(ValueError, match="mask of shape .*expected one mask"):
+            plot_anomaly_map(image, heat, mask=bad)
+
+
+@pytest.mark.parametrize(
+    "image, match",
+    [(np.full((8, 8), 200.0), r"\[0, 1\].*divide by 255"), (np.zeros((8, 8), np.int64), "int64")],
+)
+def test_overlay_names_pixel_values_it_would_draw_wrong(image, match):
+    # fixed limits (0-1 for floats): a float image in [0, 255] was drawn white
+    with pytest.raises(ValueError, match=match):
+        plot_anomaly_map(image, np.zeros((8, 8)))
+
+
 def test_grid_columns_and_contents(maps_and_masks):
     maps, masks = maps_and_masks
     images = (np.random.RandomState(2).rand(3, 20, 20) * 255).astype(np.uint8)
