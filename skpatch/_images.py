@@ -28,6 +28,8 @@ def check_images(X):
         if len(X) == 0:
             raise ValueError("X holds no image (an empty sequence).")
         return X, len(X)
+    if torch.is_tensor(X):
+        X = X.detach().cpu().numpy()  # a tensor that requires grad refuses np.asarray
     if hasattr(X, "__array__") or isinstance(X, np.ndarray):
         X = np.asarray(X) if not isinstance(X, np.ndarray) else X
         if X.ndim == 3 and X.shape[-1] in (3, 4) and min(X.shape[:2]) > 4:

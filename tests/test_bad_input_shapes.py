@@ -8,6 +8,7 @@ grid of the embeddings (tests/test_fit_predict_mismatch.py).
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from _common import assert_same_embeddings
@@ -60,6 +61,11 @@ def test_float16_and_float64_images_match_uint8(embedder):
     np.testing.assert_allclose(
         embedder.transform(half), embedder.transform(half.astype(np.float32)), atol=1e-6
     )
+
+
+def test_a_tensor_of_images_that_requires_grad_is_read(embedder):
+    images = torch.tensor(IMAGES / 255.0, dtype=torch.float32, requires_grad=True)
+    np.testing.assert_allclose(embedder.transform(images), embedder.transform(IMAGES), atol=1e-5)
 
 
 def test_16_bit_files_are_scaled_not_clipped(embedder, tmp_path):
