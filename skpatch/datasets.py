@@ -642,6 +642,11 @@ def _elpv_split_indices(probs, types, cell_type, train_size=0.7, random_state=0)
         normal = np.flatnonzero((types == t) & (probs == 0))
         perm = np.random.default_rng(random_state).permutation(len(normal))
         n_train = int(np.floor(train_size * len(normal)))
+        if n_train == 0:  # (floor leaves the test set at least one)
+            raise ValueError(
+                f"train_size={train_size!r} leaves none of the {len(normal)} defect-free "
+                f"{t} cells for training"
+            )
         train.append(normal[perm[:n_train]])
         test_normal.append(normal[perm[n_train:]])
         test_anomalous.append(np.flatnonzero((types == t) & (probs == 1.0)))

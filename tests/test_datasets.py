@@ -287,6 +287,14 @@ def test_load_elpv_split_mono(cached_elpv):
     assert X_small.shape[0] == 294 and X_test_small.shape[0] == 294 + 313
 
 
+def test_elpv_split_names_an_empty_training_set():
+    probs, types = np.zeros(12), np.array(["mono"] * 10 + ["poly"] * 2)
+    with pytest.raises(ValueError, match="train_size=0.05 leaves none of the 10 .* mono"):
+        datasets._elpv_split_indices(probs, types, "mono", train_size=0.05)
+    train, test, _ = datasets._elpv_split_indices(probs, types, "mono", train_size=0.99)
+    assert len(train) == 9 and len(test) == 1
+
+
 @pytest.mark.parametrize("cell_type", ["mono", "poly", "all"])
 def test_load_elpv_split_matches_benchmark(cell_type, cached_elpv):
     bench = _bench_data_module()
