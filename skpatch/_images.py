@@ -137,6 +137,33 @@ def _pil_array(image):
     return np.asarray(image.convert("RGB"))
 
 
+def stack_images(X, name):
+    """Images as one array ``(n, H, W[, 3])``, for estimators that edit pixels.
+
+    A list of images of one size (paths, PIL images or arrays) is decoded
+    as :class:`~skpatch.PatchEmbedder` decodes it (palette, CMYK,
+    16-bit...) and stacked; ``name`` is the estimator, for the errors.
+    """
+    if isinstance(X, (list, tuple)):
+        images = [image_array(x) for x in X]
+        shapes = {image.shape for image in images}
+        if len(shapes) > 1:
+            raise ValueError(
+                f"{name} takes images of one size; the images of X have {len(shapes)} "
+                "different shapes. Resize them first."
+            )
+        X = np.stack(images) if images else np.empty((0, 0, 0))
+    X = np.asarray(X)
+    if X.ndim not in (3, 4):
+        raise ValueError(
+            f"X of shape {X.shape}: {name} needs images (n, H, W) or (n, H, W, 3), "
+            "the input of a pipeline that starts with PatchEmbedder."
+        )
+    if len(X) == 0:
+        raise ValueError(f"X of shape {X.shape} holds no image; {name} needs at least 1.")
+    return X
+
+
 def image_array(item):
     """A path, PIL image or array -> the image array ``(H, W[, C])`` the embedder reads.
 

@@ -12,7 +12,7 @@ from sklearn.utils._param_validation import HasMethods, Interval, StrOptions
 from sklearn.utils.validation import check_is_fitted
 
 from ._compose import _split, anomaly_map
-from ._images import load_batch, preprocess
+from ._images import load_batch, preprocess, stack_images
 from ._torch_utils import resolve_device, single_threaded, to_numpy
 from .backbones import get_backbone
 from .datasets import make_synthetic_defects
@@ -354,8 +354,9 @@ class AnomalyMapRefiner(MetaEstimatorMixin, OutlierMixin, BaseEstimator):
 
         Parameters
         ----------
-        X : ndarray of shape (n, H, W) or (n, H, W, 3)
-            Normal training images (``uint8`` or float in [0, 1]).
+        X : ndarray of shape (n, H, W) or (n, H, W, 3), or list
+            Normal training images (``uint8`` or float in [0, 1]), or a
+            list of images of one size (paths, PIL images or arrays).
         y : None
             Ignored.
 
@@ -364,7 +365,7 @@ class AnomalyMapRefiner(MetaEstimatorMixin, OutlierMixin, BaseEstimator):
         self : AnomalyMapRefiner
             The fitted refiner.
         """
-        X = np.asarray(X)
+        X = stack_images(X, type(self).__name__)
         self._embedder(self.estimator)
         for attribute in ("network_state_",):
             self.__dict__.pop(attribute, None)
@@ -428,8 +429,9 @@ class AnomalyMapRefiner(MetaEstimatorMixin, OutlierMixin, BaseEstimator):
 
         Parameters
         ----------
-        X : ndarray of shape (n, H, W) or (n, H, W, 3)
-            Images.
+        X : ndarray of shape (n, H, W) or (n, H, W, 3), or list
+            Images, or a list of images of one size (paths, PIL images or
+            arrays).
 
         Returns
         -------
@@ -437,7 +439,7 @@ class AnomalyMapRefiner(MetaEstimatorMixin, OutlierMixin, BaseEstimator):
             Refined maps in [0, 1] at the wrapped detector's map size.
         """
         check_is_fitted(self)
-        X = np.asarray(X)
+        X = stack_images(X, type(self).__name__)
         encoder, extractor, spec, device = self._encoder()
         network = None
         out = None
@@ -463,8 +465,9 @@ class AnomalyMapRefiner(MetaEstimatorMixin, OutlierMixin, BaseEstimator):
 
         Parameters
         ----------
-        X : ndarray of shape (n, H, W) or (n, H, W, 3)
-            Images.
+        X : ndarray of shape (n, H, W) or (n, H, W, 3), or list
+            Images, or a list of images of one size (paths, PIL images or
+            arrays).
 
         Returns
         -------
@@ -483,8 +486,9 @@ class AnomalyMapRefiner(MetaEstimatorMixin, OutlierMixin, BaseEstimator):
 
         Parameters
         ----------
-        X : ndarray of shape (n, H, W) or (n, H, W, 3)
-            Images.
+        X : ndarray of shape (n, H, W) or (n, H, W, 3), or list
+            Images, or a list of images of one size (paths, PIL images or
+            arrays).
 
         Returns
         -------
@@ -498,8 +502,9 @@ class AnomalyMapRefiner(MetaEstimatorMixin, OutlierMixin, BaseEstimator):
 
         Parameters
         ----------
-        X : ndarray of shape (n, H, W) or (n, H, W, 3)
-            Images.
+        X : ndarray of shape (n, H, W) or (n, H, W, 3), or list
+            Images, or a list of images of one size (paths, PIL images or
+            arrays).
 
         Returns
         -------

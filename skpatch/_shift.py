@@ -11,30 +11,8 @@ from sklearn.utils._param_validation import HasMethods, Interval
 from sklearn.utils.validation import check_is_fitted
 
 from ._compose import _split
-from ._images import image_array
+from ._images import stack_images
 from ._maps import map_size_tuple
-
-
-def _as_image_array(X):
-    """Images as one array ``(n, H, W[, 3])``; lists of equal-size images are stacked."""
-    if isinstance(X, (list, tuple)):
-        # decoded as PatchEmbedder decodes them (palette, CMYK, 16-bit...)
-        images = [image_array(x) for x in X]
-        if len({im.shape for im in images}) > 1:
-            raise ValueError(
-                "ImageShiftDetector shifts images of one size; the images of X have "
-                f"{len({im.shape for im in images})} different shapes. Resize them first."
-            )
-        X = np.stack(images)
-    X = np.asarray(X)
-    if X.ndim not in (3, 4):
-        raise ValueError(
-            f"X of shape {X.shape}: ImageShiftDetector needs images (n, H, W) or "
-            "(n, H, W, 3), the input of a pipeline that starts with PatchEmbedder."
-        )
-    if len(X) == 0:
-        raise ValueError(f"X of shape {X.shape} holds no image; ImageShiftDetector needs at least 1.")
-    return X
 
 
 def _empty_rows(part, n_rows):
@@ -246,7 +224,7 @@ class ImageShiftDetector(MetaEstimatorMixin, OutlierMixin, BaseEstimator):
         (reading N-pad's precision factors: 125 MB on ELPV) is then shared.
         """
         check_is_fitted(self)
-        X = _as_image_array(X)
+        X = stack_images(X, type(self).__name__)
         out = {}
         for batch in gen_batches(len(X), self.batch_size):
             images = X[batch]

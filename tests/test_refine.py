@@ -3,6 +3,7 @@ import pickle
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 from sklearn.pipeline import Pipeline, make_pipeline
 
 from skpatch import AnomalyMapRefiner, PaDiMDetector, PatchEmbedder, anomaly_map, make_pni_pipeline
@@ -84,6 +85,20 @@ def test_every_image_trains_in_batches_of_two_or_more(images, monkeypatch):
     for bad in ({"batch_size": 1}, {"max_images": 1}):
         with pytest.raises(ValueError, match=f"'{next(iter(bad))}' parameter"):
             _refiner(**bad).fit(images)
+
+
+def test_paths_are_read_as_the_embedder_reads_them(images, tmp_path):
+    paths = []
+    for i, image in enumerate(images):
+        paths.append(str(tmp_path / f"{i}.png"))
+        Image.fromarray(image).save(paths[-1])
+    rgb = np.repeat(images[..., None], 3, axis=-1)  # 8-bit files are read as RGB
+    from_paths = _refiner(n_epochs=1).fit(paths)
+    from_array = _refiner(n_epochs=1).fit(rgb)
+    assert from_paths.loss_curve_ == from_array.loss_curve_
+    np.testing.assert_array_equal(from_paths.anomaly_map(paths[:2]), from_array.anomaly_map(rgb[:2]))
+    with pytest.raises(ValueError, match="AnomalyMapRefiner takes images of one size"):
+        from_array.anomaly_map([images[0], images[1][:20]])
 
 
 def test_same_seed_same_network_and_pickle(images):
