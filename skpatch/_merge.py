@@ -43,6 +43,13 @@ def _merge_padim(detectors):
                 "the detectors selected different random channels (feature_indices_); fit "
                 "every shard with the same n_features and the same integer random_state."
             )
+    for i, detector in enumerate(detectors):
+        if detector.n_samples_seen_ < 2:
+            raise ValueError(
+                f"estimator {i} has seen {detector.n_samples_seen_} image: a shard needs at "
+                "least 2, as its training images are scored by its own model for offset_. "
+                "Give it more images, or add its images to another shard."
+            )
     dtype = np.result_type(*[d.mean_.dtype for d in detectors])
     device = torch.device("cpu")
     moments = None
@@ -132,8 +139,8 @@ def merge_detectors(estimators):
         cannot: its LOF denoising needs all patches of a position at once and
         its geometric median has no sufficient statistics.
     ValueError
-        If the estimators differ in class, parameters, channels or grid, or
-        are not fitted.
+        If the estimators differ in class, parameters, channels or grid, are
+        not fitted, or one has seen fewer than 2 images.
 
     See Also
     --------

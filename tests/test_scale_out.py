@@ -112,3 +112,6 @@ def test_merge_refuses_what_it_cannot_merge():
         merge_detectors([_padim().fit(X[:6]), make_pipe("PaDiMDetector")])
     with pytest.raises(ValueError, match="at least one"):
         merge_detectors([])
+    streamed = [_padim().partial_fit(X[:1]), _padim().partial_fit(X[1:6])]
+    with pytest.raises(ValueError, match="estimator 0 has seen 1 image: a shard needs at least 2"):
+        merge_detectors(streamed)
