@@ -729,8 +729,16 @@ class _MultiMetricScorer:
         self._names = tuple(names)
 
     def __call__(self, estimator, X, y):
+        from ._compose import _split  # estimator plumbing; metrics stay importable alone
+
         labels = _check_scorer_y(y)
         results = {}
+        # A pipeline's transform steps (the CNN) run once, for the scores and the maps.
+        transformers, detector = _split(estimator)
+        if transformers:
+            for transformer in transformers:
+                X = transformer.transform(X)
+            estimator = detector
         if any(name in _IMAGE_METRICS for name in self._names):
             scores = _anomaly_scores(estimator, X)
         if any(name in _PIXEL_METRICS for name in self._names):

@@ -9,8 +9,9 @@ from hypothesis import strategies as st
 from sklearn.base import clone
 from sklearn.covariance import EllipticEnvelope
 from sklearn.model_selection import GridSearchCV, cross_validate
+from sklearn.pipeline import make_pipeline
 
-from skpatch import PaDiMDetector
+from skpatch import PaDiMDetector, PatchEmbedder
 from skpatch.metrics import (
     aupro,
     aupro_scorer,
@@ -204,6 +205,27 @@ def test_pixel_scorers_read_the_fold_masks():
         PaDiMDetector(map_size=None, sigma=0), data, y, cv=OneClassKFold(3), scoring=both
     )
     assert {"test_image_auroc", "test_pixel_auroc", "test_aupro"} <= set(results)
+
+
+def test_one_scorer_for_several_metrics_embeds_once(monkeypatch):
+    images = np.random.RandomState(0).randint(0, 256, (10, 32, 32), dtype=np.uint8)
+    masks = np.zeros((4, 32, 32), bool)
+    masks[2:, 3:6, 3:6] = True
+    pipe = make_pipeline(
+        PatchEmbedder(weights=None, image_size=32, crop_size=None),
+        PaDiMDetector(n_features=10, map_size=32, random_state=0),
+    ).fit(images[:6])
+    expected = {
+        "image_auroc": image_auroc_scorer(pipe, images[6:], make_targets(masks=masks)),
+        "aupro": aupro_scorer(pipe, images[6:], make_targets(masks=masks)),
+    }
+    passes = []
+    transform = PatchEmbedder.transform
+    monkeypatch.setattr(PatchEmbedder, "transform", lambda self, X: passes.append(len(X))
+                        or transform(self, X))
+    both = make_anomaly_scorer(["image_auroc", "aupro"])
+    assert both(pipe, images[6:], make_targets(masks=masks)) == expected
+    assert passes == [4]
 
 
 def test_pixel_scorer_errors():
