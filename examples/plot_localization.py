@@ -80,7 +80,7 @@ print(f"image AUROC {image_auroc(y, scores):.3f}, pixel AUROC "
 # the same value for pixels makes the two decisions agree: an image is
 # flagged exactly when its predicted mask is not empty.
 threshold = -pipe[-1].offset_
-predicted = maps >= threshold
+predicted = maps > threshold
 flagged = scores > threshold  # pipe.predict(X) == -1, without embedding X again
 assert (predicted.any(axis=(1, 2)) == flagged).all()
 print(f"threshold {threshold:.2f}: {flagged[y == 1].mean():.0%} of the painted cells and "

@@ -114,9 +114,9 @@ def _show_image(ax, image):
 
 
 def _contour(ax, array, level, extent, color):
-    """Outline of ``array >= level``; nothing when the level is never reached or always."""
+    """Outline of ``array > level``; nothing when no value or every value is above it."""
     array = np.asarray(array, dtype=np.float64)
-    if not (array.min() < level <= array.max()):
+    if not (array.min() <= level < array.max()):
         return None
     height, width = array.shape
     left, right, bottom, top = extent  # imshow's order; row 0 is at the top
@@ -159,8 +159,8 @@ def plot_anomaly_map(
     mask : array-like of shape (h', w') or (h', w', 1), default=None
         Ground-truth mask (non-zero = anomalous) to outline.
     threshold : float, default=None
-        Outline the pixels whose anomaly score is at least ``threshold``:
-        the predicted defect.
+        Outline the pixels whose anomaly score is above ``threshold`` (as
+        ``predict`` flags an image above ``-offset_``): the predicted defect.
     ax : matplotlib Axes, default=None
         Axes to draw on; a new figure when None.
     alpha : float, default=0.5
@@ -234,7 +234,7 @@ def plot_anomaly_grid(
 
     The columns are the image; its ground-truth mask (when ``masks`` is
     given); the anomaly map over the image (:func:`plot_anomaly_map`); and
-    the predicted mask ``anomaly_map >= threshold`` (when ``threshold`` is
+    the predicted mask ``anomaly_map > threshold`` (when ``threshold`` is
     given). All maps share one color scale, so that their colors compare.
 
     Parameters
@@ -335,7 +335,7 @@ def plot_anomaly_grid(
                     vmin=vmin, vmax=vmax,
                 )
             else:
-                ax.imshow(maps[row] >= threshold, cmap="gray", vmin=0, vmax=1,
+                ax.imshow(maps[row] > threshold, cmap="gray", vmin=0, vmax=1,
                           extent=_extent(image.shape), interpolation="nearest")
                 ax.set_axis_off()
             if row == 0:

@@ -139,7 +139,21 @@ def test_grid_columns_and_contents(maps_and_masks):
         np.testing.assert_array_equal(overlay.get_array(), maps[row])
         # One color scale for every map.
         assert overlay.get_clim() == (maps.min(), maps.max())
-        np.testing.assert_array_equal(axes[row, 3].images[0].get_array(), maps[row] >= 1.2)
+        np.testing.assert_array_equal(axes[row, 3].images[0].get_array(), maps[row] > 1.2)
+
+
+def test_predicted_masks_agree_with_predict_at_a_tie():
+    # predict calls an image whose score equals -offset_ normal: its mask is empty
+    X = np.random.RandomState(0).normal(size=(9, 4, 6, 6)).astype(np.float32)
+    detector = PaDiMDetector(map_size=12, sigma=1, contamination=0.25, calibration="in-sample")
+    maps = detector.fit(X).anomaly_map(X)
+    threshold = -detector.offset_
+    assert (maps.max(axis=(1, 2)) == threshold).any()  # in-sample: a training score
+    _, axes = plot_anomaly_grid(np.zeros((9, 12, 12)), maps, threshold=threshold)
+    predicted = np.array([axes[row, 2].images[0].get_array().any() for row in range(9)])
+    np.testing.assert_array_equal(predicted, detector.predict(X) == -1)
+    ax = plot_anomaly_map(np.zeros((12, 12)), maps[0] * 0 + threshold, threshold=threshold)
+    assert not ax.collections  # no pixel above the threshold: no outline
 
 
 def test_grid_without_masks_or_threshold_has_two_columns(maps_and_masks):
