@@ -233,10 +233,19 @@ def test_weights_from_a_state_dict_file(images, tmp_path):
     torch.save(model.state_dict(), path)
     from_file = tiny(weights=str(path)).transform(images[:2])
     assert not np.allclose(from_file, tiny().transform(images[:2]))
-    bad = tmp_path / "bad.pth"
-    torch.save({"not": torch.zeros(1)}, bad)
-    with pytest.raises(ValueError, match="does not match"):
-        tiny(weights=str(bad)).transform(images[:1])
+    # A wrong file is named in one line: how many keys differ, a few examples.
+    state = model.state_dict()
+    state["_conv_stem.weight"] = state["_conv_stem.weight"][:1]
+    del state["_fc.bias"]
+    for contents, reason in [
+        ({"not": torch.zeros(1)}, r"\d+ keys missing \('.*', \.\.\.\); 1 unexpected keys \('not'\)$"),
+        (state, r"1 keys missing \('_fc.bias'\); 1 tensors of another shape \('_conv_stem.weight'\)$"),
+    ]:
+        bad = tmp_path / "bad.pth"
+        torch.save(contents, bad)
+        with pytest.raises(ValueError, match="does not match this backbone's architecture: " + reason) as info:
+            tiny(weights=str(bad)).transform(images[:1])
+        assert "\n" not in str(info.value)
 
 
 def test_torchvision_weights_that_cannot_be_had_raise_a_clear_error(monkeypatch, tmp_path):

@@ -158,12 +158,39 @@ def _load_state_dict_file(module, path):
         raise ValueError(f"could not read a state dict from {path!r}: {exc}") from exc
     if not isinstance(state_dict, dict):
         raise ValueError(f"{path!r} does not hold a state dict (got {type(state_dict).__name__})")
+    mismatch = _state_dict_mismatch(module.state_dict(), state_dict)
     try:
+        if mismatch:
+            raise RuntimeError(mismatch)
         module.load_state_dict(state_dict, strict=True)
     except RuntimeError as exc:
+        # one line: torch's own message lists every key (10 kB for a wrong file)
+        reason = mismatch or str(exc).strip().splitlines()[0]
         raise ValueError(
-            f"the state dict in {path!r} does not match this backbone's architecture: {exc}"
+            f"the state dict in {path!r} does not match this backbone's architecture: {reason}"
         ) from exc
+
+
+def _state_dict_mismatch(expected, given, n_examples=3):
+    """One line on the keys and shapes of ``given`` that ``expected`` lacks or differ; "" if none."""
+
+    def some(keys):
+        shown = ", ".join(repr(k) for k in keys[:n_examples])
+        return f"{shown}, ..." if len(keys) > n_examples else shown
+
+    missing = [k for k in expected if k not in given]
+    unexpected = [k for k in given if k not in expected]
+    shapes = [
+        k for k in expected
+        if k in given and tuple(getattr(given[k], "shape", ())) != tuple(expected[k].shape)
+    ]
+    parts = [
+        f"{len(keys)} {what} ({some(keys)})"
+        for keys, what in ((missing, "keys missing"), (unexpected, "unexpected keys"),
+                           (shapes, "tensors of another shape"))
+        if keys
+    ]
+    return "; ".join(parts)
 
 
 def load_backbone(name, weights="imagenet"):
