@@ -158,17 +158,15 @@ def _load_state_dict_file(module, path):
         raise ValueError(f"could not read a state dict from {path!r}: {exc}") from exc
     if not isinstance(state_dict, dict):
         raise ValueError(f"{path!r} does not hold a state dict (got {type(state_dict).__name__})")
+    # One line, not torch's message, which lists every key (10 kB for a wrong file).
+    wrong = f"the state dict in {path!r} does not match this backbone's architecture"
     mismatch = _state_dict_mismatch(module.state_dict(), state_dict)
+    if mismatch:
+        raise ValueError(f"{wrong}: {mismatch}")
     try:
-        if mismatch:
-            raise RuntimeError(mismatch)
         module.load_state_dict(state_dict, strict=True)
     except RuntimeError as exc:
-        # one line: torch's own message lists every key (10 kB for a wrong file)
-        reason = mismatch or str(exc).strip().splitlines()[0]
-        raise ValueError(
-            f"the state dict in {path!r} does not match this backbone's architecture: {reason}"
-        ) from exc
+        raise ValueError(f"{wrong}: {str(exc).strip().splitlines()[0]}") from exc
 
 
 def _state_dict_mismatch(expected, given, n_examples=3):
