@@ -204,6 +204,21 @@ def test_partial_fit_store_is_a_bounded_uniform_sample():
     assert det.memory_bank_.shape == (30, 6)
 
 
+def test_partial_fit_after_fit_counts_the_fitted_images():
+    # One more image whose patches evict every bank item from a tiny store:
+    # the model has still seen 11 images, not 1.
+    X = embeddings(n=10)
+    evicted = 0
+    for seed in range(10):
+        extra = embeddings(n=1, seed=100 + seed)
+        det = PatchCoreDetector(1.0, max_patches=2, random_state=seed, map_size=None).fit(X)
+        det.partial_fit(extra)
+        evicted += not (det._store_groups[: det._n_stored] < 0).any()
+        assert det._n_images_seen == 11
+        assert det.score_samples(X[:2]).shape == (2,)
+    assert evicted  # the case that failed happened
+
+
 def test_partial_fit_memory_does_not_grow_with_the_stream():
     import tracemalloc
 

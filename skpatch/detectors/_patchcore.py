@@ -343,6 +343,7 @@ class PatchCoreDetector(BasePatchDetector):
                     np.float32
                 )
             self.n_patches_seen_ = n_images * n_positions
+            self._n_images_seen = n_images  # a partial_fit after fit counts on from here
             self.n_patches_stored_ = len(store_ids)
             groups = images[picks] if self.calibration == "leave-one-out" else None
             self._train_scores = self._anomaly_scores(X, groups=groups)
