@@ -91,7 +91,9 @@ def fit_in_batches(estimator, X, *, batch_size=64):
     estimator : Pipeline or detector
         The fitted estimator, finished: what ``partial_fit`` defers to
         first use (the ``offset_`` threshold; PatchCore's coreset) is
-        computed before it returns.
+        computed before it returns. If a batch fails (an unreadable image,
+        NaN embeddings, ...), the error is raised and the detector is left
+        unfitted, not fitted on the batches before it.
 
     Examples
     --------
@@ -132,14 +134,21 @@ def fit_in_batches(estimator, X, *, batch_size=64):
     )
     previous = None
     n_samples = len(X)
-    for batch in gen_batches(n_samples, batch_size):
-        Xt = X[batch] if not isinstance(X, (list, tuple)) else list(X[batch])
-        if reuse:
-            Xt = previous = embedder._transform(Xt, out=previous)
-        else:
-            for transformer in transformers:
-                Xt = transformer.transform(Xt)
-        detector.partial_fit(np.asarray(Xt) if isinstance(Xt, list) else Xt)
+    try:
+        for batch in gen_batches(n_samples, batch_size):
+            Xt = X[batch] if not isinstance(X, (list, tuple)) else list(X[batch])
+            if reuse:
+                Xt = previous = embedder._transform(Xt, out=previous)
+            else:
+                for transformer in transformers:
+                    Xt = transformer.transform(Xt)
+            detector.partial_fit(np.asarray(Xt) if isinstance(Xt, list) else Xt)
+    except BaseException:
+        # A model of the batches before the failure would pass for a fitted
+        # one: an unfitted detector is better than a silently wrong one.
+        detector.__dict__.clear()
+        detector.__dict__.update(fresh.__dict__)
+        raise
     # The stream has ended: finish the model now (partial_fit defers the
     # threshold, and PatchCore its coreset, to first use), so that the fit
     # time is spent here and not in the first call to score.

@@ -255,6 +255,21 @@ def test_fit_in_batches_names_its_own_bad_arguments(X, batch_size, match):
         fit_in_batches(make_detector("PaDiMDetector"), X, batch_size=batch_size)
 
 
+@pytest.mark.parametrize("name", ["PaDiMDetector", "PatchCoreDetector"])
+def test_fit_in_batches_that_fails_leaves_the_detector_unfitted(name):
+    from sklearn.exceptions import NotFittedError
+
+    from skpatch import fit_in_batches
+
+    X = X_TRAIN[:12].copy()
+    X[9] = np.nan  # the third batch of 4
+    detector = make_detector(name).fit(X_TRAIN[:6])
+    with pytest.raises(ValueError, match="NaN"):
+        fit_in_batches(detector, X, batch_size=4)
+    with pytest.raises(NotFittedError):
+        detector.predict(X_TRAIN[:2])
+
+
 def test_a_batch_of_another_grid_names_the_earlier_batches():
     from skpatch import fit_in_batches
 
