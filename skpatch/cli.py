@@ -166,14 +166,22 @@ def _positive_int(text):
 
 
 def _param(text):
-    """``NAME=VALUE`` with VALUE a Python literal (else a string)."""
+    """``NAME=VALUE`` with VALUE a Python literal (else a string).
+
+    ``true``, ``false`` and ``none`` are read as ``True``, ``False`` and
+    ``None`` in any case: as strings they would pass for true values.
+    """
     name, sep, value = text.partition("=")
     if not sep or not name.strip():
         raise argparse.ArgumentTypeError(f"{text!r} is not NAME=VALUE (e.g. n_features=100)")
+    value = value.strip()
+    constants = {"true": True, "false": False, "none": None}
+    if value.lower() in constants:
+        return name.strip(), constants[value.lower()]
     try:
-        value = ast.literal_eval(value.strip())
+        value = ast.literal_eval(value)
     except (ValueError, SyntaxError):
-        value = value.strip()
+        pass
     if isinstance(value, list):
         value = tuple(value)
     return name.strip(), value
@@ -294,7 +302,8 @@ def build_parser():
     fit.add_argument(
         "-p", "--param", action="append", type=_param, default=[], metavar="NAME=VALUE",
         help="a parameter of the detector, e.g. n_features=100, tau=0.9, "
-        "contamination=0.05; VALUE is a Python literal (else a string); repeat for "
+        "contamination=0.05; VALUE is a Python literal (true, false and none as well) "
+        "or else a string; repeat for "
         "several. See the detector's documentation for its parameters",
     )
     fit.add_argument(
@@ -485,7 +494,31 @@ def _say(args, message):
 # --------------------------------------------------------------------------
 
 
-def _build_pipeline(args):
+def _network_input_size(args, image_path):
+    """``(H, W)`` of the images the network sees: the crop, else the resized image.
+
+    Without a crop, an ``N`` image size sets the shorter side only, so the
+    size depends on the images' aspect ratio: it is read from ``image_path``.
+    """
+    if args.crop_size is not None:
+        return args.crop_size
+    if isinstance(args.image_size, tuple):
+        return args.image_size
+    from PIL import Image
+
+    from ._images import _resize_size
+
+    try:
+        with Image.open(image_path) as image:
+            width, height = image.size
+    except (OSError, ValueError) as exc:
+        raise CommandLineError(f"could not read image file {image_path!r}: {exc}") from exc
+    if args.image_size is None:
+        return height, width
+    return _resize_size(height, width, args.image_size)
+
+
+def _build_pipeline(args, first_image):
     entry = _ALL_DETECTORS[args.detector]
     valid = entry.parameters()
     params = {}
@@ -502,8 +535,7 @@ def _build_pipeline(args):
             params.setdefault(name, value)
     if "map_size" in valid and "map_size" not in params:
         # Maps at the resolution of the image the network sees.
-        size = args.crop_size if args.crop_size is not None else args.image_size
-        params["map_size"] = size
+        params["map_size"] = _network_input_size(args, first_image)
     embedder_params = {
         "weights": args.weights,
         "image_size": args.image_size,
@@ -568,7 +600,7 @@ def _fit(args):
     out = Path(args.out)
     if not out.parent.is_dir():
         raise CommandLineError(f"the folder of --out does not exist: {out.parent}")
-    pipe = _build_pipeline(args)
+    pipe = _build_pipeline(args, paths[0])
     transformers, detector = _split(pipe)
     _say(args, f"fitting {args.detector} ({type(detector).__name__}) on {len(paths)} images")
     start = time.perf_counter()

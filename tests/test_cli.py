@@ -70,14 +70,15 @@ def test_fit_saves_the_pipeline_the_options_describe(folders):
     assert embedder.weights is None and embedder.image_size == 32
     assert embedder.crop_size is None and embedder.batch_size == 3
     assert detector.n_features == 10 and detector.epsilon == 0.05
-    assert detector.random_state == 0 and detector.map_size == 32
+    # The network sees 40 x 48 images resized to 32 x 38: maps of that shape.
+    assert detector.random_state == 0 and detector.map_size == (32, 38)
     assert detector.n_samples_seen_ == 8
 
     # The same model as fitting the pipeline in Python.
     paths = sorted(str(p) for p in (folders / "good").iterdir())
     reference = make_pipeline(
         PatchEmbedder(weights=None, image_size=32, crop_size=None),
-        PaDiMDetector(n_features=10, epsilon=0.05, map_size=32, random_state=0),
+        PaDiMDetector(n_features=10, epsilon=0.05, map_size=(32, 38), random_state=0),
     ).fit(paths)
     np.testing.assert_allclose(detector.mean_, reference[-1].mean_, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(
@@ -311,6 +312,17 @@ def test_unknown_detector_parameter_lists_the_valid_ones(folders, capsys):
     err = _error(["fit", "--normal", str(folders / "good"), "--out",
                   str(folders / "m.joblib"), "-p", "n_feature=3", *TINY], capsys)
     assert "'n_feature'" in err and "n_features" in err
+
+
+@pytest.mark.parametrize(
+    "text, value",
+    [("refine=false", False), ("refine=True", True), ("map_size=none", None),
+     ("n_features=100", 100), ("map_size=(224,224)", (224, 224)), ("map_size=[8, 9]", (8, 9)),
+     ("calibration=in-sample", "in-sample"), ("name= spaced ", "spaced")],
+)
+def test_param_values(text, value):
+    name, parsed = skpatch.cli._param(text)
+    assert name == text.split("=")[0] and parsed == value and type(parsed) is type(value)
 
 
 def test_invalid_detector_parameter_value(folders, capsys):

@@ -246,6 +246,12 @@ def test_bad_parameters():
         PNIDetector().fit(X[:1])
 
 
+def test_pipeline_refine_must_be_a_boolean():
+    # A string such as "false" is a true value: it must not switch refinement on.
+    with pytest.raises(TypeError, match="refine must be True or False, got 'false'"):
+        make_pni_pipeline(refine="false", embedder_params={"weights": None})
+
+
 def test_pipeline_on_images(images):
     pipe = make_pni_pipeline(
         embedder_params={"weights": None, "image_size": 32, "crop_size": None},

@@ -796,6 +796,8 @@ def make_pni_pipeline(
     >>> pipe.fit(images).score_samples(images).shape
     (8,)
     """
+    if not isinstance(refine, (bool, np.bool_)):
+        raise TypeError(f"refine must be True or False, got {refine!r}")
     pipeline = make_pipeline(
         locally_aware_embedder(backbone, embedder_params), PNIDetector(**detector_params), memory=memory
     )
