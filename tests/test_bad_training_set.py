@@ -48,6 +48,22 @@ def test_few_images_for_many_dimensions_warn(name):
         make_detector(name, map_size=None).fit(X)
 
 
+@pytest.mark.parametrize("name", ["PaDiMDetector", "NPadDetector"])
+def test_two_images_calibrate_in_sample_with_a_warning(name):
+    # A model without one of 2 images would be fitted on one image.
+    detector = make_detector(name, map_size=None)
+    with pytest.warns(DegenerateTrainingSetWarning, match="needs at least 3, so offset_ is"):
+        detector.fit(X[:2])
+    in_sample = quiet_fit(clone(detector).set_params(calibration="in-sample"), X[:2])
+    assert detector.offset_ == pytest.approx(in_sample.offset_, rel=1e-5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DegenerateTrainingSetWarning)
+        with_three = clone(detector).fit(X[:3])
+    assert with_three.offset_ != pytest.approx(
+        quiet_fit(clone(with_three).set_params(calibration="in-sample"), X[:3]).offset_, rel=1e-3
+    )
+
+
 def test_the_warning_counts_the_selected_channels_not_all():
     detector = make_detector("PaDiMDetector", map_size=None, n_features=4)
     with warnings.catch_warnings():

@@ -252,6 +252,28 @@ class BasePatchDetector(OutlierMixin, BaseEstimator):
                 f"{n_samples} sample{'s' if n_samples != 1 else ''}."
             )
 
+    def _calibrates_out_of_sample(self, n_images):
+        """Whether ``offset_`` is set on scores of models fitted without the image.
+
+        True unless ``calibration="in-sample"`` or there are fewer than 3
+        training images: a model without one of 2 images would be fitted on
+        one. That fallback to in-sample scores is warned of, as it flags more
+        new normal images than ``contamination``.
+        """
+        if self.calibration == "in-sample":
+            return False
+        if n_images >= 3:
+            return True
+        warnings.warn(
+            f"{type(self).__name__} has {n_images} training images: "
+            f"calibration={self.calibration!r} needs at least 3, so offset_ is the "
+            "quantile of the in-sample scores, which flags more new normal images "
+            "than contamination. Fit on more images.",
+            DegenerateTrainingSetWarning,
+            stacklevel=3,
+        )
+        return False
+
     # ------------------------------------------------------------------ chunks
     def _bytes_per_image(self, X, device):
         """Working memory of one image scored on ``device`` (override for heavier methods)."""

@@ -162,8 +162,9 @@ class NPadDetector(BaseGaussianDetector):
         ``"cross-fit"`` scores each of 5 folds of them with a detector
         fitted on the other 4 (see Notes), at the cost of 5 more fits
         (from the model's statistics less each fold's) and one more pass
-        over the images; ``"in-sample"`` with this detector, whose scores
-        of its own training images are optimistic.
+        over the images (fewer folds with fewer than 5 images; with 2,
+        in-sample, with a warning); ``"in-sample"`` with this detector, whose
+        scores of its own training images are optimistic.
     random_state : int, RandomState instance or None, default=None
         Seeds the channel selection (ties or random subset), the features
         clustered and the k-means initialization.
@@ -516,7 +517,7 @@ class NPadDetector(BaseGaussianDetector):
             if self._uses_aggregated or sample is not None:
                 aggregated, features = self._aggregated_statistics(X, device, sample)
             kmeans_seed = None if sample is None else int(rng.randint(np.iinfo(np.int32).max))
-            cross_fit = self.calibration == "cross-fit" and len(X) >= 3
+            cross_fit = self._calibrates_out_of_sample(len(X))
             if cross_fit:
                 # before the model's own fit, which overwrites the scatters
                 scores = self._cross_fitted_scores(X, device, rng, plain, aggregated,

@@ -61,7 +61,9 @@ class PaDiMDetector(BaseGaussianDetector):
         held-out good ELPV cells for ``contamination=0.1``).
         ``"leave-one-out"`` scores every training image with the model
         fitted without it, in closed form (Sherman-Morrison on each
-        position's covariance, see Notes), at the cost of in-sample scoring.
+        position's covariance, see Notes), at the cost of in-sample scoring;
+        it needs 3 training images, and with 2 falls back to in-sample, with
+        a warning.
     random_state : int, RandomState instance or None, default=None
         Seeds the channel subset.
     device : str, default="auto"
@@ -231,7 +233,7 @@ class PaDiMDetector(BaseGaussianDetector):
             return None
         mean, prec_chol = self._whitening(moments)
         self.precision_cholesky_ = to_numpy(prec_chol)
-        loo = count if self.calibration == "leave-one-out" and count >= 3 else None
+        loo = count if self._calibrates_out_of_sample(count) else None
         shift = self._fitted_shift(*self._scoring_state, device)  # kept for scoring too
         return self._patch_scorer(mean, prec_chol, loo, shift=shift)
 
@@ -330,7 +332,7 @@ class PaDiMDetector(BaseGaussianDetector):
         with torch.inference_mode():
             center = as_tensor(self.mean_, device)
             prec_chol = as_tensor(self.precision_cholesky_, device)
-            loo = count if self.calibration == "leave-one-out" and count >= 3 else None
+            loo = count if self._calibrates_out_of_sample(count) else None
             shift = self._fitted_shift(*self._scoring_state, device)
             scorer = self._patch_scorer(center, prec_chol, loo, selected=True, shift=shift)
             self._train_scores = self._anomaly_scores(sample, scorer)
