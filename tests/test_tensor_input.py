@@ -59,11 +59,14 @@ def test_bad_tensors_get_the_same_clear_errors():
         detector.score_samples(torch.from_numpy(X[:, :, :3]))
     with pytest.raises(ValueError, match="5 features, but PaDiMDetector is expecting 6"):
         detector.score_samples(torch.from_numpy(X[:, :5]))
-    with pytest.raises(ValueError, match="NaN or infinity"):
-        detector.score_samples(torch.full((1, 6, 4, 4), float("nan")))
+    for bad, what in ((float("nan"), "NaN"), (float("inf"), "infinity")):
+        for array in (torch.full((1, 6, 4, 4), bad), np.full((1, 6, 4, 4), bad, np.float32)):
+            with pytest.raises(ValueError, match=f"Input X contains {what}"):
+                detector.score_samples(array)
     # finite values whose sum overflows are not mistaken for infinity
     big = torch.full((1, 6, 4, 4), 3e38)
     assert detector._validate_tensor(big, reset=False) is not None
+    assert detector._validate_embeddings(big.numpy(), reset=False) is not None
     with pytest.raises(ValueError, match="dtype torch.int64: patch embeddings are floats"):
         detector.score_samples(torch.zeros((1, 6, 4, 4), dtype=torch.int64))
     with pytest.raises(ValueError, match=r"shape \(6, 4, 4\)"):

@@ -63,6 +63,13 @@ def _with_oom_advice(method):
     return wrapper
 
 
+def _check_finite(X):
+    """Raise scikit-learn's error if the tensor ``X`` holds a NaN or an infinity."""
+    if not all_finite(X):
+        what = "NaN" if bool(torch.isnan(X).any()) else "infinity"
+        raise ValueError(f"Input X contains {what}.")
+
+
 class BasePatchDetector(OutlierMixin, BaseEstimator):
     """Base class of the patch detectors (not for direct use).
 
@@ -182,7 +189,12 @@ class BasePatchDetector(OutlierMixin, BaseEstimator):
                     "like images, not patch embeddings. Embed images first, e.g. "
                     f"make_pipeline(PatchEmbedder(), {type(self).__name__}())."
                 )
-            X = check_array(X, allow_nd=True, dtype=dtype, estimator=self)
+            # Finiteness is checked by torch on every core: NumPy's one-core sum,
+            # which check_array runs, cost 17 ms per 64 ELPV embeddings (5 ms).
+            X = check_array(
+                X, allow_nd=True, dtype=dtype, estimator=self, ensure_all_finite=False
+            )
+            _check_finite(torch.from_numpy(X))
             if 0 in X.shape[1:]:
                 raise ValueError(
                     f"X has shape {X.shape}: patch embeddings (n, C, h, w) need at least one "
@@ -214,8 +226,7 @@ class BasePatchDetector(OutlierMixin, BaseEstimator):
             raise ValueError(f"X has dtype {X.dtype}: patch embeddings are floats.")
         if X.dtype not in (torch.float32, torch.float64):
             X = X.float()  # half precision: score in float32
-        if not all_finite(X):
-            raise ValueError("Input X contains NaN or infinity.")
+        _check_finite(X)
         self._check_features(X.shape[1], reset)
         if reset:
             self.grid_shape_ = tuple(X.shape[2:])
