@@ -116,11 +116,12 @@ def _staged_fit(embedder, detector, X, batch_size):
 
     detector = clone(detector)
     seconds = dict.fromkeys(("embed", "sums", "factor", "calibrate"), 0.0)
-    embeddings = None
     for start in range(0, len(X), batch_size):
-        # as fit_in_batches does: every batch embedded into the first one's memory
+        # as fit_in_batches does: every batch embedded into the first one's
+        # memory, which the embedder reuses once the batch before is dropped
+        embeddings = None
         begin = time.perf_counter()
-        embeddings = embedder._transform(X[start : start + batch_size], out=embeddings)
+        embeddings = embedder.transform(X[start : start + batch_size])
         middle = time.perf_counter()
         detector.partial_fit(embeddings)
         seconds["embed"] += middle - begin

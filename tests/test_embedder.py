@@ -1,3 +1,4 @@
+import pickle
 import urllib.error
 
 import numpy as np
@@ -127,20 +128,52 @@ def test_batching_does_not_change_results(images):
     )
 
 
+def _address(array):
+    return np.asarray(array).__array_interface__["data"][0]
+
+
 @pytest.mark.parametrize("output", ["numpy", "torch"])
-def test_transform_into_an_earlier_output(images, output):
+def test_transform_reuses_the_memory_of_a_dropped_output(images, output):
     embedder = tiny(output=output, batch_size=1)  # the same passes: equal floats
-    expected = embedder.transform(images)
-    buffer = embedder.transform(images[::-1])
-    out = embedder._transform(images[:7], out=buffer)  # the first 7 of its 10
-    assert type(out) is type(expected)
-    assert np.shares_memory(np.asarray(out), np.asarray(buffer)) and out.shape[0] == 7
-    np.testing.assert_array_equal(np.asarray(out), np.asarray(expected)[:7])
-    # too small, or of another grid: a new array
-    for small in (buffer[:3], tiny(image_size=64).transform(images)):
-        out = embedder._transform(images, out=small)
-        assert not np.shares_memory(np.asarray(out), np.asarray(small))
-        np.testing.assert_array_equal(np.asarray(out), np.asarray(expected))
+    expected = np.asarray(tiny(batch_size=1).transform(images))
+    out = embedder.transform(images[::-1])
+    address = _address(out)
+    del out
+    out = embedder.transform(images[:7])  # into the first 7 of the 10 dropped
+    assert type(out) is (np.ndarray if output == "numpy" else torch.Tensor)
+    assert _address(out) == address and out.shape[0] == 7
+    np.testing.assert_array_equal(np.asarray(out), expected[:7])
+    # an output referred to, or a view of it, is never overwritten
+    view = out[2:]
+    del out
+    again = embedder.transform(images[::-1])
+    assert _address(again) != address
+    np.testing.assert_array_equal(np.asarray(view), expected[2:7])
+    # too small for the images, or of another grid: a new array
+    del view, again
+    embedder = clone(embedder)
+    embedder.transform(images[:3])
+    assert len(embedder.__dict__["_spare"]) == 3
+    out = embedder.transform(images)
+    assert len(embedder.__dict__["_spare"]) == 10
+    grid = embedder.__dict__["_spare"].shape[1:3]
+    del out
+    embedder.set_params(image_size=64).transform(images)
+    assert embedder.__dict__["_spare"].shape[1:3] == (2 * grid[0], 2 * grid[1])
+
+
+def test_the_spare_output_is_bounded_and_not_saved(images, monkeypatch):
+    import skpatch._embedder as embedder_module
+
+    embedder = tiny()
+    embedder.transform(images)
+    assert "_spare" in embedder.__dict__
+    assert "_spare" not in pickle.loads(pickle.dumps(embedder)).__dict__
+    assert "_spare" in embedder.__dict__  # saving left the embedder as it was
+    assert "_spare" not in clone(embedder).__dict__
+    monkeypatch.setattr(embedder_module, "_SPARE_MAX_BYTES", 0)
+    embedder.transform(images)
+    assert "_spare" not in embedder.__dict__
 
 
 def test_auto_batch_runs_cpu_passes_of_a_pixel_budget(images, monkeypatch):

@@ -141,10 +141,6 @@ class PaDiMDetector(BaseGaussianDetector):
     array([-1, -1, -1])
     """
 
-    # partial_fit copies what it keeps of a batch (running sums, samples):
-    # fit_in_batches may embed the next batch into the same memory.
-    _partial_fit_copies_input = True
-
     def __init__(
         self,
         n_features=None,

@@ -223,10 +223,6 @@ class PatchCoreDetector(BasePatchDetector):
     array([-1, -1, -1])
     """
 
-    # partial_fit copies what it keeps of a batch (store, calibration
-    # sample): fit_in_batches may embed the next batch into the same memory.
-    _partial_fit_copies_input = True
-
     _parameter_constraints = {
         **BasePatchDetector._parameter_constraints,
         "coreset_ratio": [Interval(Real, 0, 1, closed="right")],
