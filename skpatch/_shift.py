@@ -235,6 +235,8 @@ class ImageShiftDetector(MetaEstimatorMixin, OutlierMixin, BaseEstimator):
             for first in range(0, len(self.shifts_), per_call):
                 group = self.shifts_[first:first + per_call]
                 for i, (dy, dx) in enumerate(group):
+                    # the last copy's embeddings, dropped: the embedder reuses their memory
+                    embeddings = part = None
                     embeddings, detector = self._embed(shift_images(images, dy, dx))
                     if len(group) > 1:
                         # copied into one buffer, reused by every group: a
