@@ -24,7 +24,12 @@ from sklearn.base import BaseEstimator, OutlierMixin
 from sklearn.utils import check_random_state, gen_batches
 from sklearn.utils._chunking import get_chunk_n_rows
 from sklearn.utils._param_validation import Interval, StrOptions
-from sklearn.utils.validation import check_array, check_is_fitted, validate_data
+from sklearn.utils.validation import (
+    assert_all_finite,
+    check_array,
+    check_is_fitted,
+    validate_data,
+)
 
 from .. import _gaussian
 from .._maps import check_size, map_size_tuple, postprocess
@@ -194,7 +199,10 @@ class BasePatchDetector(OutlierMixin, BaseEstimator):
             X = check_array(
                 X, allow_nd=True, dtype=dtype, estimator=self, ensure_all_finite=False
             )
-            _check_finite(torch.from_numpy(X))
+            if is_view_on(X, "cpu"):
+                _check_finite(torch.from_numpy(X))
+            else:  # read-only (a memory map): torch would warn, NumPy reads it as is
+                assert_all_finite(X, estimator_name=type(self).__name__, input_name="X")
             if 0 in X.shape[1:]:
                 raise ValueError(
                     f"X has shape {X.shape}: patch embeddings (n, C, h, w) need at least one "
