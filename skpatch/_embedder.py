@@ -6,6 +6,8 @@ import os
 import re
 import sys
 import tempfile
+import threading
+import weakref
 from numbers import Integral
 
 import numpy as np
@@ -62,6 +64,12 @@ _CPU_PASS_PIXELS = 2**18
 # (see PatchEmbedder._take_spare): a 64-image batch of EfficientNet-Lite0's
 # three stages at 224 x 224 is 141 MB.
 _SPARE_MAX_BYTES = 256 * 2**20
+
+# Embedder -> (the array behind its last host output, a weak reference to
+# the view every part of that output refers to). Outside the estimators'
+# __dict__: transform leaves them as they were, and they never save it.
+_SPARES = weakref.WeakKeyDictionary()
+_SPARES_LOCK = threading.Lock()
 
 
 def _image_key(item):
@@ -278,12 +286,6 @@ class PatchEmbedder(TransformerMixin, BaseEstimator):
         self.memory = memory
         self.output = output
 
-    def __getstate__(self):
-        # a copy: object.__getstate__ returns the live __dict__ (Python 3.11+)
-        state = dict(super().__getstate__())
-        state.pop("_spare", None)  # memory for the next transform, not state
-        return state
-
     def __setstate__(self, state):
         # An embedder saved with device="cuda" loads on a CPU-only machine,
         # and one saved before ``output`` existed returns NumPy, as it did.
@@ -427,6 +429,7 @@ class PatchEmbedder(TransformerMixin, BaseEstimator):
         batches = list(gen_batches(n_images, batch_size))
         advice = (f"Lower batch_size (now {self.batch_size}), or image_size / crop_size, "
                   "or use device='cpu'.")
+        sizes = set()  # of every batch, as load_batch checks those of one batch
         with torch.inference_mode(), oom_advice(f"{type(self).__name__}.transform", advice):
             for i, batch in enumerate(batches):
                 if cache is None:
@@ -434,13 +437,18 @@ class PatchEmbedder(TransformerMixin, BaseEstimator):
                     images = load_batch(
                         X, batch, self.image_size, self.crop_size, spec.mean, spec.std, device
                     )
+                    sizes.add(tuple(images.shape[-2:]))
+                    check_one_size(sizes)
                     step = self._images_per_pass(images)
                     for start in range(0, len(images), step):
                         stop = min(batch.stop, batch.start + start + step)
                         rows = slice(batch.start + start, stop)
                         yield rows, self._aligned(extractor(images[start:start + step]))
                 else:
-                    yield batch, self._aligned(self._features(X, batch, cache, spec))
+                    features = self._features(X, batch, cache, spec)
+                    sizes.add(tuple(features[0].shape[-2:]))  # in feature-map pixels
+                    check_one_size(sizes)
+                    yield batch, self._aligned(features)
                 if self.verbose:
                     print(
                         f"[PatchEmbedder] batch {i + 1}/{len(batches)} "
@@ -494,16 +502,43 @@ class PatchEmbedder(TransformerMixin, BaseEstimator):
         -----
         In host memory, the embedder keeps the array behind its last output
         (up to 256 MB) and writes the next output into it if, by then,
-        nothing refers to that output or to a view of it any more: a
-        pipeline scoring batch after batch, or :func:`skpatch.fit_in_batches`,
-        then embeds every batch into the same memory, where a fresh array
-        per call cost 7 % of the forward pass in first touches of its pages.
-        An output still referred to is never overwritten.
+        nothing refers to that output or to a view of it any more, and it
+        is at most twice as large as needed: a pipeline scoring batch after
+        batch, or :func:`skpatch.fit_in_batches`, then embeds every batch
+        into the same memory, where a fresh array per call cost 7 % of the
+        forward pass in first touches of its pages. An output still
+        referred to is never overwritten. ``fit_transform`` (a pipeline's
+        ``fit``) keeps nothing: training embeddings are used once.
         """
+        return self._transform(X, keep=True)
+
+    def fit_transform(self, X, y=None):
+        """Validate the parameters, then embed ``X`` (see :meth:`transform`).
+
+        Unlike :meth:`transform`, the embedder keeps no reference to the
+        output's memory: a pipeline's ``fit`` uses the training embeddings
+        once.
+
+        Parameters
+        ----------
+        X : ndarray of shape (n, H, W) or (n, H, W, 3), or sequence
+            Images, as for :meth:`transform`.
+        y : None
+            Ignored.
+
+        Returns
+        -------
+        embeddings : ndarray or torch.Tensor of shape (n, C, h, w), float32
+            As :meth:`transform` returns them.
+        """
+        return self.fit(X, y)._transform(X, keep=False)
+
+    def _transform(self, X, keep):
+        """:meth:`transform`; ``keep``: reuse and keep the memory of outputs."""
         out = None
         for batch, features in self._iter_aligned(X):
             if out is None:
-                out = self._output_for(features, len(X))
+                out = self._output_for(features, len(X), keep)
             if out.device == features[0].device:
                 # Straight into the output: a concatenation into a fresh
                 # tensor and a copy cost 0.8 ms per image on a CPU, mostly
@@ -513,11 +548,12 @@ class PatchEmbedder(TransformerMixin, BaseEstimator):
                 out[batch].copy_(torch.cat(features, dim=1))
         return out if self.output == "torch" else out.numpy()
 
-    def _output_for(self, features, n_images):
+    def _output_for(self, features, n_images, keep):
         """The channels-last ``(n, C, h, w)`` output of ``n_images`` like ``features``.
 
-        In host memory, the spare of an earlier call when it is free and
-        large enough (see :meth:`_take_spare`), else new.
+        In host memory with ``keep``, the spare of an earlier call when it is
+        free and fits (see :meth:`_take_spare`), and the new output's memory
+        is kept as the next call's spare.
         """
         n_channels = sum(f.shape[1] for f in features)
         height, width = features[0].shape[-2:]
@@ -525,29 +561,37 @@ class PatchEmbedder(TransformerMixin, BaseEstimator):
         nhwc = (n_images, height, width, n_channels)
         if device.type != "cpu":
             return empty(nhwc, torch.float32, device).permute(0, 3, 1, 2)
-        spare = self._take_spare()
-        if spare is None or len(spare) < n_images or spare.shape[1:] != nhwc[1:]:
-            spare = np.empty(nhwc, dtype=np.float32)
-        if spare.nbytes <= _SPARE_MAX_BYTES:
-            self._spare = spare
-        # the output holds a reference to the spare for as long as any part lives
-        return torch.from_numpy(spare[:n_images]).permute(0, 3, 1, 2)
+        array = self._take_spare(nhwc) if keep else None
+        if array is None:
+            array = np.empty(nhwc, dtype=np.float32)
+        # Every part of the output refers to this view (torch.from_numpy keeps
+        # it alive): while any lives, the weak reference below does.
+        view = array[:n_images]
+        if keep and array.nbytes <= _SPARE_MAX_BYTES:
+            with _SPARES_LOCK:
+                _SPARES[self] = (array, weakref.ref(view))
+        return torch.from_numpy(view).permute(0, 3, 1, 2)
 
-    def _take_spare(self):
-        """The memory of an earlier output in host memory, if nothing uses it any more.
+    def _take_spare(self, nhwc):
+        """The array behind an earlier output if it is free and fits ``nhwc``, else None.
 
         A fresh 64-image output is 141 MB with the defaults, beyond what
         malloc recycles: its pages would be faulted in anew on every call
         (0.4-0.5 ms per image of a pipeline's scoring, 7 % of a forward pass
-        of EfficientNet-Lite0 on 2 cores). So the embedder keeps the array
-        behind its last output (up to ``_SPARE_MAX_BYTES``) and writes the
-        next output there when no output, view or tensor of it is alive:
-        each would hold a reference to it. The array is taken out of the
-        embedder first, so that two threads never get the same one.
+        of EfficientNet-Lite0 on 2 cores). The array is free when no output,
+        view or tensor of it is alive (each keeps the weakly referenced view
+        alive); it fits when it has the shape of an image's output and holds
+        ``n`` to ``2 n`` images, so that a small output does not keep a
+        large array alive. It is taken out of the registry, so that two
+        threads never get the same one.
         """
-        spare = self.__dict__.pop("_spare", None)
-        # referenced here and by getrefcount's argument only: free
-        return spare if spare is not None and sys.getrefcount(spare) == 2 else None
+        with _SPARES_LOCK:
+            array, output = _SPARES.pop(self, (None, None))
+        if array is None or output() is not None:
+            return None
+        n_images = nhwc[0]
+        fits = array.shape[1:] == tuple(nhwc[1:]) and n_images <= len(array) <= 2 * n_images
+        return array if fits else None
 
     def __sklearn_tags__(self):
         tags = super().__sklearn_tags__()

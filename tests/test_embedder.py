@@ -7,6 +7,7 @@ import torch
 from PIL import Image
 from sklearn.base import clone
 
+import skpatch._embedder
 from skpatch import PatchEmbedder
 from skpatch.backbones import (
     WeightsUnavailableError,
@@ -132,6 +133,11 @@ def _address(array):
     return np.asarray(array).__array_interface__["data"][0]
 
 
+def _spare(embedder):
+    """The array behind the embedder's last output, kept for its next call (or None)."""
+    return skpatch._embedder._SPARES.get(embedder, (None, None))[0]
+
+
 @pytest.mark.parametrize("output", ["numpy", "torch"])
 def test_transform_reuses_the_memory_of_a_dropped_output(images, output):
     embedder = tiny(output=output, batch_size=1)  # the same passes: equal floats
@@ -153,27 +159,47 @@ def test_transform_reuses_the_memory_of_a_dropped_output(images, output):
     del view, again
     embedder = clone(embedder)
     embedder.transform(images[:3])
-    assert len(embedder.__dict__["_spare"]) == 3
-    out = embedder.transform(images)
-    assert len(embedder.__dict__["_spare"]) == 10
-    grid = embedder.__dict__["_spare"].shape[1:3]
-    del out
+    assert len(_spare(embedder)) == 3
+    embedder.transform(images)
+    assert len(_spare(embedder)) == 10
+    grid = _spare(embedder).shape[1:3]
     embedder.set_params(image_size=64).transform(images)
-    assert embedder.__dict__["_spare"].shape[1:3] == (2 * grid[0], 2 * grid[1])
+    assert _spare(embedder).shape[1:3] == (2 * grid[0], 2 * grid[1])
 
 
-def test_the_spare_output_is_bounded_and_not_saved(images, monkeypatch):
-    import skpatch._embedder as embedder_module
-
+def test_the_kept_memory_is_bounded(images, monkeypatch):
     embedder = tiny()
+    before = dict(embedder.__dict__)
     embedder.transform(images)
-    assert "_spare" in embedder.__dict__
-    assert "_spare" not in pickle.loads(pickle.dumps(embedder)).__dict__
-    assert "_spare" in embedder.__dict__  # saving left the embedder as it was
-    assert "_spare" not in clone(embedder).__dict__
-    monkeypatch.setattr(embedder_module, "_SPARE_MAX_BYTES", 0)
+    assert embedder.__dict__ == before  # transform changes no attribute
+    assert len(_spare(embedder)) == 10
+    # an output less than half as large gets its own array: the large one
+    # would stay alive as long as the small output
+    embedder.transform(images[:4])
+    assert len(_spare(embedder)) == 4
+    embedder.transform(images[:3])  # into the 4 dropped
+    assert len(_spare(embedder)) == 4
+    # a pipeline's fit (fit_transform) keeps nothing: training embeddings are used once
+    fitted = tiny()
+    fitted.fit_transform(images)
+    assert _spare(fitted) is None
+    # none beyond _SPARE_MAX_BYTES, none in a saved or cloned embedder
+    assert _spare(pickle.loads(pickle.dumps(embedder))) is None
+    assert _spare(clone(embedder)) is None and _spare(embedder) is not None
+    monkeypatch.setattr(skpatch._embedder, "_SPARE_MAX_BYTES", 0)
     embedder.transform(images)
-    assert "_spare" not in embedder.__dict__
+    assert _spare(embedder) is None
+
+
+def test_images_of_several_sizes_across_batches_are_refused(images):
+    # within a batch load_batch refuses them; across batches the grids differed
+    large = np.zeros((64, 64), np.uint8)
+    for size_of_batch in (1, 2):
+        embedder = tiny(image_size=None, batch_size=size_of_batch)
+        with pytest.raises(ValueError, match=r"images of different sizes after preprocessing"):
+            embedder.transform([images[0], large])
+        with pytest.raises(ValueError, match=r"images of different sizes after preprocessing"):
+            list(embedder.iter_tensors([images[0], images[1][:, :30]]))
 
 
 def test_auto_batch_runs_cpu_passes_of_a_pixel_budget(images, monkeypatch):
