@@ -442,15 +442,22 @@ def _map_name(relative):
     return relative.with_suffix(".png")
 
 
-def _check_map_names(items):
-    """Refuse inputs whose heat maps would overwrite each other."""
+def _check_map_names(items, maps_dir):
+    """Refuse inputs whose heat maps would overwrite each other or an input image."""
     first = {}
+    inputs = {Path(path).resolve() for path, _ in items}
     for path, relative in items:
         other = first.setdefault(_map_name(relative), path)
         if other != path:
             raise CommandLineError(
                 f"{other} and {path} would both write the heat map {_map_name(relative)}: "
                 "score them in separate runs with different --maps folders, or rename one"
+            )
+        target = maps_dir / _map_name(relative)
+        if target.resolve() in inputs:
+            raise CommandLineError(
+                f"the heat map {target} would overwrite an input image: give --maps a "
+                "folder apart from the images"
             )
 
 
@@ -715,10 +722,12 @@ def _save_heatmap(path, image, anomaly_map, vmin, vmax, alpha):
 
 def _color_scale(args, threshold):
     vmin, vmax = args.vmin, args.vmax
+    # a threshold of 0 (a model of identical images) would give an empty scale
+    half_width = 0.5 * abs(threshold) or 1.0
     if vmin is None:
-        vmin = threshold - 0.5 * abs(threshold)
+        vmin = threshold - half_width
     if vmax is None:
-        vmax = threshold + 0.5 * abs(threshold)
+        vmax = threshold + half_width
     if not vmax > vmin:
         raise CommandLineError(f"--vmax ({vmax:g}) must be greater than --vmin ({vmin:g})")
     return vmin, vmax
@@ -751,7 +760,7 @@ def _score(args):
     vmin, vmax = _color_scale(args, -offset) if args.maps else (None, None)
     maps_dir = Path(args.maps) if args.maps else None
     if maps_dir is not None:
-        _check_map_names(items)
+        _check_map_names(items, maps_dir)
 
     csv_file = open(args.csv, "w", newline="") if args.csv else sys.stdout
     n_anomalous = 0

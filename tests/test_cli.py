@@ -227,6 +227,27 @@ def test_score_refuses_heat_maps_that_overwrite_each_other(folders, clash, capsy
     assert not maps.exists()
 
 
+def test_score_refuses_heat_maps_that_overwrite_the_images(folders, capsys):
+    model_path = _fit(folders, "-p", "n_features=10")
+    test = folders / "test"
+    before = (test / "ok_0.png").read_bytes()
+    argv = ["score", "--model", str(model_path), str(test), "--maps", str(test), "-q"]
+    assert main(argv) == 1
+    assert "would overwrite an input image" in capsys.readouterr().err
+    assert (test / "ok_0.png").read_bytes() == before
+
+
+@pytest.mark.parametrize(
+    "threshold, vmin, vmax, expected",
+    [(4.0, None, None, (2.0, 6.0)), (-4.0, None, None, (-6.0, -2.0)),
+     (0.0, None, None, (-1.0, 1.0)), (0.0, 0.5, None, (0.5, 1.0)), (4.0, 1.0, 9.0, (1.0, 9.0))],
+)
+def test_default_color_scale_is_centred_on_the_threshold(threshold, vmin, vmax, expected):
+    args = build_parser().parse_args(["score", "--model", "m.joblib", "x"])
+    args.vmin, args.vmax = vmin, vmax
+    assert skpatch.cli._color_scale(args, threshold) == expected
+
+
 def test_jet_colormap_runs_from_blue_to_red():
     colors = _jet(np.array([0.0, 0.5, 1.0, -3.0, 7.0]))
     np.testing.assert_array_equal(
