@@ -540,6 +540,12 @@ def _build_pipeline(args, first_image):
     for name, value in (("random_state", args.random_state), ("device", device)):
         if name in valid:
             params.setdefault(name, value)
+    refiner_params = params.get("refiner_params") or {}
+    if params.get("refine") is True and isinstance(refiner_params, dict):
+        # PNI's refinement network: the same device, and a fixed seed too
+        params["refiner_params"] = {
+            "random_state": args.random_state, "device": device, **refiner_params
+        }
     if "map_size" in valid and "map_size" not in params:
         # Maps at the resolution of the image the network sees.
         params["map_size"] = _network_input_size(args, first_image)
@@ -748,9 +754,12 @@ def _score(args):
     fitted = getattr(model, "estimator_", model)
     embedder = _find_embedder(fitted)
     if args.device is not None:
-        # Every ``device`` parameter, nested ones included (embedder, detector).
+        # Every ``device`` parameter, nested ones included (embedder, detector),
+        # and the meta-estimator's own (PNI's refinement network).
         names = [k for k in fitted.get_params(deep=True) if k.split("__")[-1] == "device"]
         fitted.set_params(**dict.fromkeys(names, args.device))
+        if fitted is not model and "device" in model.get_params(deep=False):
+            model.set_params(device=args.device)
     if args.batch_size is not None:
         embedder.set_params(batch_size=args.batch_size)
     if len(transformers) == 1 and transformers[0] is embedder:

@@ -199,6 +199,28 @@ def test_score_device_option_reaches_every_step(folders, monkeypatch):
     assert seen == [{"patchembedder__device": "cpu", "padimdetector__device": "cpu"}]
 
 
+def test_fit_and_score_options_reach_pni_refinement_network(folders, monkeypatch):
+    from skpatch import AnomalyMapRefiner
+
+    model_path = _fit(folders, "-p", "refine=true", "-p", "refiner_params={'n_epochs': 1}",
+                      "--device", "cpu", detector="pni")
+    model = joblib.load(model_path)
+    assert isinstance(model, AnomalyMapRefiner)
+    assert (model.device, model.random_state, model.n_epochs) == ("cpu", 0, 1)
+    seen = []
+    original = AnomalyMapRefiner.set_params
+
+    def spy(self, **params):
+        seen.append(params)
+        return original(self, **params)
+
+    monkeypatch.setattr(AnomalyMapRefiner, "set_params", spy)
+    argv = ["score", "--model", str(model_path), str(folders / "test"), "--device", "cpu",
+            "--csv", str(folders / "s.csv"), "-q"]
+    assert main(argv) == 0
+    assert {"device": "cpu"} in seen
+
+
 def test_score_options_reach_the_fitted_pipeline_of_image_shifting(folders, capsys):
     # N-pad's ImageShiftDetector scores with its fitted clone, estimator_: a
     # device set on its unfitted template only was silently ignored.
