@@ -73,13 +73,14 @@ def _check_image(image, name="image"):
     return image
 
 
-def _check_map(anomaly_map, name="anomaly_map"):
+def _check_map(anomaly_map, name="anomaly_map", ndim=2):
     anomaly_map = np.asarray(anomaly_map)
-    if anomaly_map.ndim != 2:
-        raise ValueError(
-            f"{name} of shape {anomaly_map.shape}: expected one map (H, W); for a batch "
-            "of maps pass maps[i]."
-        )
+    if anomaly_map.ndim != ndim:
+        expected = "one map (H, W); for a batch of maps pass maps[i]" if ndim == 2 else "(n, h, w)"
+        raise ValueError(f"{name} of shape {anomaly_map.shape}: expected {expected}.")
+    if anomaly_map.dtype.kind not in "biuf" or not np.isfinite(anomaly_map).all():
+        # a NaN would make the colour scale NaN and blank the whole overlay
+        raise ValueError(f"{name} must hold finite numbers (no NaN or infinity).")
     return anomaly_map
 
 
@@ -289,9 +290,7 @@ def plot_anomaly_grid(
     """
     plt = _pyplot()
     images = np.asarray(images)
-    maps = np.asarray(anomaly_maps)
-    if maps.ndim != 3:
-        raise ValueError(f"anomaly_maps of shape {maps.shape}: expected (n, h, w).")
+    maps = _check_map(anomaly_maps, "anomaly_maps", ndim=3)
     if images.ndim not in (3, 4) or len(images) != len(maps):
         raise ValueError(
             f"images of shape {images.shape} and anomaly_maps of shape {maps.shape}: "

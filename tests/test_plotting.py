@@ -101,6 +101,19 @@ def test_overlay_rejects_batches(image, heat):
         plot_anomaly_map(image, heat)
 
 
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_maps_that_are_not_finite_are_refused(bad):
+    # a NaN made the colour scale NaN and blanked the overlay, silently
+    heat = np.zeros((8, 8))
+    heat[2, 3] = bad
+    with pytest.raises(ValueError, match=r"anomaly_map must hold finite numbers"):
+        plot_anomaly_map(np.zeros((8, 8)), heat)
+    with pytest.raises(ValueError, match=r"anomaly_maps must hold finite numbers"):
+        plot_anomaly_grid(np.zeros((1, 8, 8)), heat[None])
+    with pytest.raises(ValueError, match=r"anomaly_maps of shape \(8, 8\): expected \(n, h, w\)"):
+        plot_anomaly_grid(np.zeros((1, 8, 8)), heat)
+
+
 def test_overlay_takes_an_h_w_1_mask_and_names_a_bad_one():
     image, heat = np.zeros((16, 16), dtype=np.uint8), np.zeros((16, 16))
     mask = np.zeros((16, 16, 1), dtype=bool)
