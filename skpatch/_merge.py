@@ -210,4 +210,14 @@ def merge_detectors(estimators):
             f"the detectors were fitted on embeddings of different shapes (channels, grid): "
             f"{sorted(grids)}; embed every shard with the same PatchEmbedder settings."
         )
+    names = {
+        None if getattr(e, "feature_names_in_", None) is None else tuple(e.feature_names_in_)
+        for e in estimators
+    }
+    if len(names) > 1:
+        # the statistics would add up different columns
+        raise ValueError(
+            "the detectors were fitted on data with different feature names (columns of "
+            "a DataFrame, or none): give every shard the same columns in the same order."
+        )
     return merger(estimators)

@@ -115,3 +115,20 @@ def test_merge_refuses_what_it_cannot_merge():
     streamed = [_padim().partial_fit(X[:1]), _padim().partial_fit(X[1:6])]
     with pytest.raises(ValueError, match="estimator 0 has seen 1 image: a shard needs at least 2"):
         merge_detectors(streamed)
+
+
+def test_merge_refuses_shards_of_other_columns():
+    pd = pytest.importorskip("pandas")
+    X = np.random.RandomState(0).normal(size=(40, 3)) * [1, 10, 100]
+    names = ["a", "b", "c"]
+    first = pd.DataFrame(X[:20], columns=names)
+    params = dict(n_features=None, map_size=None, random_state=0)
+    for other in (pd.DataFrame(X[20:, ::-1], columns=names[::-1]),
+                  pd.DataFrame(X[20:], columns=["x", "y", "z"]), X[20:]):
+        shards = [PaDiMDetector(**params).fit(first), PaDiMDetector(**params).fit(other)]
+        with pytest.raises(ValueError, match="different feature names"):
+            merge_detectors(shards)
+    # the same columns merge, and keep their names
+    shards = [PaDiMDetector(**params).fit(first),
+              PaDiMDetector(**params).fit(pd.DataFrame(X[20:], columns=names))]
+    assert list(merge_detectors(shards).feature_names_in_) == names
