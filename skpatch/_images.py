@@ -146,12 +146,16 @@ def stack_images(X, name):
     """
     if isinstance(X, (list, tuple)):
         images = [image_array(x) for x in X]
-        shapes = {image.shape for image in images}
-        if len(shapes) > 1:
+        sizes = {image.shape[:2] for image in images}
+        if len(sizes) > 1:
             raise ValueError(
-                f"{name} takes images of one size; the images of X have {len(shapes)} "
-                "different shapes. Resize them first."
+                f"{name} takes images of one size; the images of X have {len(sizes)} "
+                f"different sizes {sorted(sizes)[:3]}. Resize them first."
             )
+        if len({(image.shape, image.dtype) for image in images}) > 1:
+            # one size, several kinds (gray and RGB, 8- and 16-bit): all as
+            # the embedder reads them, RGB floats in [0, 1]
+            images = [_to_float_chw(image).permute(1, 2, 0).numpy() for image in images]
         X = np.stack(images) if images else np.empty((0, 0, 0))
     X = np.asarray(X)
     if X.ndim not in (3, 4):

@@ -484,6 +484,23 @@ def test_image_shift_decodes_files_as_the_embedder(images, npad_model, tmp_path,
     )
 
 
+def test_image_shift_takes_files_of_several_kinds(images, npad_model, tmp_path):
+    # 8-bit gray, 16-bit gray and RGB files of one size in one call, as the
+    # pipeline takes them (a batch of them was refused as "different shapes")
+    from PIL import Image
+
+    kinds = [lambda im: Image.fromarray(im), lambda im: Image.fromarray(im.astype(np.uint16) * 257),
+             lambda im: Image.fromarray(im).convert("RGB")]
+    paths = []
+    for i, (image, kind) in enumerate(zip(images[:3], kinds)):
+        paths.append(tmp_path / f"{i}.png")
+        kind(image).save(paths[-1])
+    model = ImageShiftDetector(npad_model.estimator, max_shift=0).fit(images)
+    np.testing.assert_allclose(
+        model.score_samples(paths), model.estimator_.score_samples(paths), rtol=1e-5
+    )
+
+
 def test_small_batches_score_several_shifts_per_call(images, npad_model, monkeypatch):
     model = npad_model.fit(images)
     test = images[:3]
