@@ -621,9 +621,11 @@ def _fit(args):
     streamable = (isinstance(pipe, Pipeline) and hasattr(detector, "partial_fit")
                   and getattr(detector, "denoising", None) is None)
     if args.stream == "always" and not streamable:
+        why = ("its LOF denoising compares all training images at once"
+               if getattr(detector, "denoising", None) is not None
+               else "it has no partial_fit: it needs all training images at once")
         raise CommandLineError(
-            f"the {args.detector} detector has no partial_fit: it needs all training "
-            "images at once and cannot stream; use --stream auto"
+            f"the {args.detector} detector cannot stream: {why}; use --stream auto"
         )
     with _progress(len(paths), "fit", args.quiet) as bar:
         if not isinstance(pipe, Pipeline):

@@ -109,12 +109,13 @@ def test_fit_streams_through_fit_in_batches(folders, monkeypatch):
 def test_stream_always_needs_partial_fit(folders, capsys):
     err = _error(["fit", "--normal", str(folders / "good"), "--out", str(folders / "m.joblib"),
                   "--detector", "rpadim", "--stream", "always", *TINY], capsys)
-    assert "cannot stream" in err
+    assert "cannot stream: it has no partial_fit" in err
     # PatchCore streams, except with LOF denoising, which needs every image at once
     err = _error(["fit", "--normal", str(folders / "good"), "--out", str(folders / "m.joblib"),
                   "--detector", "patchcore", "-p", "denoising=lof", "--stream", "always",
                   *TINY], capsys)
-    assert "cannot stream" in err
+    assert "cannot stream: its LOF denoising compares all training images" in err
+    assert "no partial_fit" not in err
 
 
 def test_fit_without_partial_fit_embeds_in_batches(folders, monkeypatch):
