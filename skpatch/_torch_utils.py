@@ -33,6 +33,14 @@ def resolve_device(device):
             f"device={str(device)!r} was requested but CUDA is not available on this "
             "machine; use device='auto' or device='cpu'."
         )
+    if device.type not in ("cpu", "cuda"):
+        try:  # another backend (mps, xpu...): torch knows whether it can use it
+            torch.empty(0, device=device)
+        except (RuntimeError, AssertionError):
+            raise ValueError(
+                f"device={str(device)!r} was requested but this torch cannot use it on "
+                "this machine; use device='auto' or device='cpu'."
+            ) from None
     return device
 
 

@@ -215,6 +215,7 @@ def test_overflowing_embeddings_never_score_nan(fitted, name):
         ({"crop_size": (0, 0)}, "crop_size must be"),
         ({"crop_size": (24, 24, 3)}, "crop_size must be"),
         ({"device": "gpu"}, "device='gpu' is not a torch device"),
+        ({"device": "xpu"}, "device='xpu' was requested but this torch cannot use it"),
         ({"layers": ("stage1", "stage1")}, "names a stage twice"),
     ],
 )

@@ -155,7 +155,12 @@ def _load_state_dict_file(module, path):
     try:
         state_dict = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # corrupt file, pickle with code, ...
-        raise ValueError(f"could not read a state dict from {path!r}: {exc}") from exc
+        # One line: torch's message runs to several and suggests weights_only=False,
+        # which would run whatever code the file holds.
+        raise ValueError(
+            f"could not read a state dict from {path!r}: not a file of tensors saved with "
+            f"torch.save(model.state_dict()) ({type(exc).__name__})"
+        ) from exc
     if not isinstance(state_dict, dict):
         raise ValueError(f"{path!r} does not hold a state dict (got {type(state_dict).__name__})")
     # One line, not torch's message, which lists every key (10 kB for a wrong file).
