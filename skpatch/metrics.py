@@ -55,8 +55,13 @@ _CONVERT_HINT = (
 
 
 def _check_labels(y_true, *, name="y_true", require_both=True):
-    """Return ``y_true`` as a 1-D int array of 0 / 1, or raise."""
+    """Return ``y_true`` as a 1-D int array of 0 / 1, or raise.
+
+    A ``y`` of :func:`make_targets` gives its labels.
+    """
     y = np.asarray(y_true)
+    if y.dtype.names is not None and "label" in y.dtype.names:
+        y = y["label"]
     if y.ndim != 1:
         raise ValueError(f"{name} must be 1-D (one label per image), got shape {y.shape}.")
     if y.dtype != bool and y.dtype.kind not in "iuf":
@@ -461,7 +466,9 @@ def make_targets(labels=None, masks=None):
     into a 1-D NumPy structured array with one record per image: fields
     ``"label"`` (int, 0 = normal, 1 = anomalous) and ``"mask"`` (bool
     ``(H, W)``). Indexing it selects the images' labels and masks together,
-    and every skpatch scorer and splitter reads the labels from it; the
+    and every skpatch scorer and splitter reads the labels from it, as do
+    the image metrics (:func:`image_auroc`...) and
+    :class:`~skpatch.plotting.AnomalyRocDisplay` given it as ``y_true``; the
     detectors ignore ``y``.
 
     Parameters

@@ -205,6 +205,17 @@ def test_image_roc_display_matches_sklearn():
     np.testing.assert_array_equal(display.ax_.lines[1].get_xydata(), [[0, 0], [1, 1]])
 
 
+def test_roc_display_and_metrics_read_the_labels_of_make_targets():
+    from skpatch.metrics import make_targets
+
+    labels, scores = np.array([0, 1, 0, 1]), np.array([0.1, 0.9, 0.2, 0.3])
+    masks = np.zeros((4, 3, 3), bool)
+    masks[labels == 1, 1, 1] = True
+    y = make_targets(labels, masks)
+    assert AnomalyRocDisplay.from_predictions(y, scores).roc_auc == image_auroc(labels, scores)
+    assert image_auroc(y, scores) == image_auroc(labels, scores)
+
+
 def test_roc_display_refuses_outlier_labels():
     with pytest.raises(ValueError, match="-1"):
         AnomalyRocDisplay.from_predictions([1, -1, 1], [0.1, 0.9, 0.2])
