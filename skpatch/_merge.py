@@ -85,9 +85,10 @@ _MERGERS = {PaDiMDetector: _merge_padim}
 
 
 def _check_same_params(estimators, what):
-    # device does not change the model; random_state matters through the
-    # channels it selects, which _merge_padim compares
-    ignored = ("device", "random_state")
+    # Settings of how, not what: device, and an embedder's batching, cache,
+    # progress and output type, change no feature. random_state matters
+    # through the channels it selects, which _merge_padim compares.
+    ignored = ("device", "random_state", "batch_size", "memory", "verbose", "output")
     reference = estimators[0].get_params(deep=False)
     for key in ignored:
         reference.pop(key, None)

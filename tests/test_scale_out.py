@@ -117,6 +117,22 @@ def test_merge_refuses_what_it_cannot_merge():
         merge_detectors(streamed)
 
 
+def test_pipelines_whose_embedders_batch_differently_merge(tmp_path):
+    # batch_size, memory, verbose and output change no feature
+    images = textures(12, seed=7)
+    settings = [{"batch_size": 2}, {"batch_size": 5, "memory": str(tmp_path), "verbose": 0}]
+    fitted = [
+        make_pipe("PaDiMDetector", embedder_params=params, n_features=6, map_size=None).fit(part)
+        for params, part in zip(settings, np.array_split(images, 2))
+    ]
+    merged = merge_detectors(fitted)
+    assert merged[-1].n_samples_seen_ == 12
+    with pytest.raises(ValueError, match=r"\['image_size'\] differ"):
+        other = make_pipe("PaDiMDetector", embedder_params={"image_size": 40},
+                          n_features=6, map_size=None)
+        merge_detectors([fitted[0], other.fit(images[:6])])
+
+
 def test_merge_refuses_shards_of_other_columns():
     pd = pytest.importorskip("pandas")
     X = np.random.RandomState(0).normal(size=(40, 3)) * [1, 10, 100]
