@@ -22,6 +22,7 @@ import ast
 import csv
 import sys
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -832,9 +833,16 @@ def main(argv=None):
     """
     args = build_parser().parse_args(argv)
     from .backbones import WeightsUnavailableError
+    from .exceptions import DegenerateTrainingSetWarning
 
     try:
-        return _fit(args) if args.command == "fit" else _score(args)
+        if args.command == "fit":
+            return _fit(args)
+        with warnings.catch_warnings():
+            # Said once, by skpatch fit: a model of few images would repeat it
+            # on every run, as its covariances are factored again after loading.
+            warnings.simplefilter("ignore", DegenerateTrainingSetWarning)
+            return _score(args)
     except (CommandLineError, WeightsUnavailableError, ValueError, OSError) as exc:
         print(f"skpatch {args.command}: error: {exc}", file=sys.stderr)
         return 1

@@ -278,6 +278,20 @@ def test_jet_colormap_runs_from_blue_to_red():
     )
 
 
+def test_score_does_not_repeat_the_warnings_of_fit(folders):
+    import warnings
+
+    from skpatch.exceptions import DegenerateTrainingSetWarning
+
+    model_path = _fit(folders)  # 8 images for 100 channels: fit warns once
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        argv = ["score", "--model", str(model_path), str(folders / "test"),
+                "--csv", str(folders / "s.csv"), "-q"]
+        assert main(argv) == 0
+    assert not [w for w in caught if issubclass(w.category, DegenerateTrainingSetWarning)]
+
+
 def test_quiet_prints_nothing(folders, capsys):
     _fit(folders)
     assert capsys.readouterr() == ("", "")
