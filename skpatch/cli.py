@@ -20,6 +20,7 @@ detector is one more entry there.
 import argparse
 import ast
 import csv
+import os
 import sys
 import time
 import warnings
@@ -843,6 +844,12 @@ def main(argv=None):
             # on every run, as its covariances are factored again after loading.
             warnings.simplefilter("ignore", DegenerateTrainingSetWarning)
             return _score(args)
+    except BrokenPipeError:
+        # The reader of the scores went away (``skpatch score ... | head``): a
+        # quiet stop, as other command-line tools make, and no error at exit
+        # when Python flushes the closed pipe.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
     except (CommandLineError, WeightsUnavailableError, ValueError, OSError) as exc:
         print(f"skpatch {args.command}: error: {exc}", file=sys.stderr)
         return 1
