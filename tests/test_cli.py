@@ -184,19 +184,24 @@ def test_score_to_stdout_with_explicit_color_scale(folders, capsys):
     assert (heat == [128, 0, 0]).all()
 
 
-def test_score_device_option_reaches_every_step(folders, monkeypatch):
-    model_path = _fit(folders)
+def _score_on_cpu(folders, model_path, cls, monkeypatch):
+    """``skpatch score --device cpu``: the ``set_params`` calls it made on ``cls``."""
     seen = []
-    original = Pipeline.set_params
+    original = cls.set_params
 
     def spy(self, **params):
         seen.append(params)
         return original(self, **params)
 
-    monkeypatch.setattr(Pipeline, "set_params", spy)
+    monkeypatch.setattr(cls, "set_params", spy)
     argv = ["score", "--model", str(model_path), str(folders / "test"), "--device", "cpu",
             "--csv", str(folders / "s.csv"), "-q"]
     assert main(argv) == 0
+    return seen
+
+
+def test_score_device_option_reaches_every_step(folders, monkeypatch):
+    seen = _score_on_cpu(folders, _fit(folders), Pipeline, monkeypatch)
     assert seen == [{"patchembedder__device": "cpu", "padimdetector__device": "cpu"}]
 
 
@@ -208,18 +213,7 @@ def test_fit_and_score_options_reach_pni_refinement_network(folders, monkeypatch
     model = joblib.load(model_path)
     assert isinstance(model, AnomalyMapRefiner)
     assert (model.device, model.random_state, model.n_epochs) == ("cpu", 0, 1)
-    seen = []
-    original = AnomalyMapRefiner.set_params
-
-    def spy(self, **params):
-        seen.append(params)
-        return original(self, **params)
-
-    monkeypatch.setattr(AnomalyMapRefiner, "set_params", spy)
-    argv = ["score", "--model", str(model_path), str(folders / "test"), "--device", "cpu",
-            "--csv", str(folders / "s.csv"), "-q"]
-    assert main(argv) == 0
-    assert {"device": "cpu"} in seen
+    assert {"device": "cpu"} in _score_on_cpu(folders, model_path, AnomalyMapRefiner, monkeypatch)
 
 
 def test_score_options_reach_the_fitted_pipeline_of_image_shifting(folders, capsys):
