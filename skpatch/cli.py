@@ -775,8 +775,12 @@ def _score(args):
     if maps_dir is not None:
         _check_map_names(items, maps_dir)
 
-    csv_file = open(args.csv, "w", newline="") if args.csv else sys.stdout
+    # Written aside and moved into place at the end: a run that fails part-way
+    # leaves no partial table (and an earlier one as it was).
+    part = Path(f"{args.csv}.part") if args.csv else None
+    csv_file = open(part, "w", newline="") if part else sys.stdout
     n_anomalous = 0
+    done = False
     try:
         writer = csv.writer(csv_file)
         writer.writerow(["path", "score", "label"])
@@ -801,9 +805,14 @@ def _score(args):
                             _seen_image(path, embedder), heat, vmin, vmax, args.alpha,
                         )
                 bar.update(len(batch))
+        done = True
     finally:
         if csv_file is not sys.stdout:
             csv_file.close()
+            if done:
+                os.replace(part, args.csv)
+            else:
+                part.unlink(missing_ok=True)
         else:
             csv_file.flush()
     where = f"; scores in {args.csv}" if args.csv else ""

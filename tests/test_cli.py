@@ -383,6 +383,22 @@ def test_invalid_detector_parameter_value(folders, capsys):
     assert "epsilon" in err
 
 
+def test_a_failed_score_leaves_no_partial_table(folders, capsys):
+    model_path = _fit(folders)
+    table = folders / "scores.csv"
+    table.write_text("an earlier table\n")
+    (folders / "test" / "z_broken.png").write_bytes(b"not a png at all")  # the last batch
+    err = _error(["score", "--model", str(model_path), str(folders / "test"), "--csv",
+                  str(table), "--batch-size", "1"], capsys)
+    assert "z_broken.png" in err
+    assert table.read_text() == "an earlier table\n"
+    assert sorted(p.name for p in folders.iterdir() if "scores" in p.name) == ["scores.csv"]
+    (folders / "test" / "z_broken.png").unlink()
+    assert main(["score", "--model", str(model_path), str(folders / "test"), "--csv",
+                 str(table), "-q"]) == 0
+    assert len(_read_csv(table)) == 2  # ok_0.png, ok_1.png
+
+
 def test_score_of_a_non_image_file(folders, capsys):
     model_path = _fit(folders)
     err = _error(["score", "--model", str(model_path), str(folders / "test" / "notes.txt")],
