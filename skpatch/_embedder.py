@@ -21,7 +21,14 @@ from sklearn.utils.validation import check_memory
 
 from ._images import check_images, check_one_size, load_batch
 from ._maps import check_size
-from ._torch_utils import cpu_fallback_state, empty, oom_advice, resolve_device, to_numpy
+from ._torch_utils import (
+    cpu_fallback_state,
+    empty,
+    oom_advice,
+    resolve_device,
+    seeded,
+    to_numpy,
+)
 from .backbones import FeatureExtractor, get_backbone, load_backbone
 
 
@@ -34,8 +41,7 @@ def _cached_extractor(backbone, weights, weights_stamp, layers, device):
     in any process, gives the same random network: fit and predict must see
     the same features.
     """
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
+    with seeded(0):
         module, spec = load_backbone(backbone, weights)
     if spec.fuse is not None:
         spec.fuse(module)

@@ -147,13 +147,15 @@ def greedy_coreset(x, n_select, *, projection_dim=128, random_state=None, device
     threads = single_threaded() if z.device.type == "cpu" else contextlib.nullcontext()
     with threads:
         for i in range(1, n_select):
-            # argmax stays a tensor: no device synchronization per pick on CUDA
-            idx = torch.argmax(min_d2)
-            picks[i] = idx
-            torch.addmv(sq, z, z[idx].contiguous(), alpha=-2, out=buffer)
-            buffer.add_(sq[idx])
+            # The pick stays a one-element tensor, used through index_select
+            # and index_fill_: indexing with it would read it on the host, a
+            # device synchronization per pick on CUDA.
+            idx = torch.argmax(min_d2, dim=0, keepdim=True)
+            picks[i:i + 1] = idx
+            torch.addmv(sq, z, z.index_select(0, idx)[0], alpha=-2, out=buffer)
+            buffer.add_(sq.index_select(0, idx))
             torch.minimum(min_d2, buffer, out=min_d2)
-            min_d2[idx] = -math.inf
+            min_d2.index_fill_(0, idx, -math.inf)
     return picks
 
 

@@ -13,7 +13,7 @@ from sklearn.utils.validation import check_is_fitted
 
 from ._compose import _split, anomaly_map
 from ._images import load_batch, preprocess, stack_images
-from ._torch_utils import resolve_device, single_threaded, to_numpy
+from ._torch_utils import resolve_device, seeded, single_threaded, to_numpy
 from .backbones import get_backbone
 from .datasets import make_synthetic_defects
 
@@ -392,8 +392,7 @@ class AnomalyMapRefiner(MetaEstimatorMixin, OutlierMixin, BaseEstimator):
         channels = tuple(f.shape[1] for f in cache[0][2])
         seed = int(rng.randint(np.iinfo(np.int32).max))
         threads = self._threads(cache[0][0], device)
-        with threads, torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-            torch.manual_seed(seed)
+        with threads, seeded(seed, device):
             network = self._network(channels, device)
             optimizer = torch.optim.Adam(network.parameters(), lr=self.learning_rate)
             generator = torch.Generator().manual_seed(seed)

@@ -100,6 +100,33 @@ def is_view_on(array, device):
 
 
 @contextlib.contextmanager
+def seeded(seed, device="cpu"):
+    """Torch's global generators of the CPU and of ``device`` seeded inside the block.
+
+    Both are restored afterwards, and no other GPU's is touched:
+    ``torch.manual_seed`` seeds every GPU's generator, which
+    ``fork_rng(devices=[])`` neither saves nor restores (a network built on
+    the CPU reset the user's CUDA generators).
+    """
+    device = torch.device(device)
+    cuda = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=cuda):
+        torch.default_generator.manual_seed(seed)
+        if cuda:
+            with torch.cuda.device(device):
+                torch.cuda.manual_seed(seed)
+        yield
+
+
+def canonical_device(device):
+    """``device`` as a key: an index-less CUDA device names the current one (``cuda:0``)."""
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        return torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
+@contextlib.contextmanager
 def single_threaded():
     """Run torch single-threaded inside the block (restored afterwards).
 

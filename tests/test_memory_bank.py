@@ -37,6 +37,16 @@ def test_greedy_coreset_matches_exact_k_center_without_projection(rng):
     assert picks.tolist() == _exact_greedy(X.astype(np.float64), 60, int(picks[0]))
 
 
+def test_greedy_coreset_never_reads_a_pick_on_the_host(rng):
+    # Indexing with the argmax tensor reads it on the host (aten::item), a
+    # device synchronization per pick on CUDA; the loop must not.
+    X = rng.normal(size=(300, 16)).astype(np.float32)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        greedy_coreset(X, 40, projection_dim=None, random_state=0)
+    reads = sum(e.count for e in prof.key_averages() if e.key == "aten::_local_scalar_dense")
+    assert reads < 5  # outside the loop only, not one or three per pick
+
+
 def test_greedy_coreset_is_nested_seeded_and_unique(rng):
     X = rng.normal(size=(400, 200))
     a = greedy_coreset(X, 50, random_state=3)

@@ -101,3 +101,51 @@ def test_is_view_on_says_when_as_tensor_copies():
         shares = tensor.data_ptr() == (a.data_ptr() if torch.is_tensor(a)
                                        else a.__array_interface__["data"][0])
         assert shares is view
+
+
+def test_canonical_device_names_the_current_gpu(monkeypatch):
+    # "cuda" at fit and a tensor's "cuda:0" at scoring must key one kept copy
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    assert _torch_utils.canonical_device("cuda") == torch.device("cuda", 0)
+    assert _torch_utils.canonical_device("cuda:1") == torch.device("cuda", 1)
+    assert _torch_utils.canonical_device("cpu") == torch.device("cpu")
+
+
+def test_on_device_keeps_one_copy_per_gpu_however_named(monkeypatch):
+    from skpatch import PaDiMDetector
+
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    detector = PaDiMDetector(random_state=0).fit(np.random.RandomState(0).normal(size=(8, 3, 2, 2)))
+    builds = []
+    for device in ("cuda", "cuda:0", torch.device("cuda", 0)):
+        detector._on_device("x", device, (detector.mean_,), lambda: builds.append(1) or len(builds))
+    assert builds == [1]
+
+
+def test_seeded_leaves_every_gpu_generator_alone(monkeypatch):
+    # torch.manual_seed also seeds every GPU, which fork_rng(devices=[]) does not restore
+    calls = []
+    monkeypatch.setattr(torch.cuda, "manual_seed_all", lambda seed: calls.append(seed))
+    monkeypatch.setattr(torch.cuda, "manual_seed", lambda seed: calls.append(seed))
+    state = torch.random.get_rng_state()
+    with _torch_utils.seeded(7):
+        first = torch.rand(3)
+    with _torch_utils.seeded(7):
+        assert torch.equal(torch.rand(3), first)
+    assert torch.equal(torch.random.get_rng_state(), state) and calls == []
+
+
+def test_building_networks_and_fitting_pni_leave_gpu_generators_alone(monkeypatch):
+    from skpatch import PatchEmbedder, make_pni_pipeline
+    from skpatch._embedder import _cached_extractor
+
+    calls = []
+    monkeypatch.setattr(torch.cuda, "manual_seed_all", lambda seed: calls.append(seed))
+    _cached_extractor.cache_clear()
+    images = np.random.RandomState(0).randint(0, 256, (6, 32, 32), dtype=np.uint8)
+    PatchEmbedder(weights=None, image_size=32, crop_size=None).transform(images)
+    make_pni_pipeline(
+        embedder_params={"weights": None, "image_size": 32, "crop_size": None},
+        map_size=None, n_dist=8, n_epochs=1, random_state=0,
+    ).fit(images)
+    assert calls == []

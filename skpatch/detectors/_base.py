@@ -36,6 +36,7 @@ from .._maps import check_size, map_size_tuple, postprocess
 from .._torch_utils import (
     all_finite,
     as_tensor,
+    canonical_device,
     cpu_fallback_state,
     is_view_on,
     numpy_dtype,
@@ -130,7 +131,8 @@ class BasePatchDetector(OutlierMixin, BaseEstimator):
         if torch.device(device).type == "cpu" and not keep:
             return build()
         copies = _DEVICE_COPIES.setdefault(self, {})
-        key = (key, str(device))
+        # "cuda" at fit and "cuda:0" (a tensor's device) at scoring: one copy
+        key = (key, str(canonical_device(device)))
         kept = copies.get(key)
         if kept is None or len(kept[0]) != len(sources) or any(
             ref() is not a for ref, a in zip(kept[0], sources)

@@ -14,7 +14,7 @@ from sklearn.utils._chunking import get_chunk_n_rows
 from sklearn.utils._param_validation import Interval, StrOptions
 
 from .._memory_bank import greedy_coreset, nearest_neighbors, patch_rows
-from .._torch_utils import as_tensor, resolve_device, single_threaded, to_numpy
+from .._torch_utils import as_tensor, resolve_device, seeded, single_threaded, to_numpy
 from ._base import BasePatchDetector, locally_aware_embedder
 
 # Patches per block of the CPU search: its (n_emb, block) distances are
@@ -454,8 +454,7 @@ class PNIDetector(BasePatchDetector):
         work = batch * (n_inputs + self.mlp_depth * self.mlp_width + n_classes) * self.mlp_width
         small = device.type == "cpu" and work < 2**22
         threads = single_threaded() if small else contextlib.nullcontext()
-        with threads, torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-            torch.manual_seed(seed)
+        with threads, seeded(seed, device):
             module = _NeighborhoodMLP(
                 n_inputs, n_classes, self.mlp_width, self.mlp_depth, self.dropout
             ).to(device)
