@@ -620,11 +620,10 @@ def _fit(args):
     _say(args, f"fitting {args.detector} ({type(detector).__name__}) on {len(paths)} images")
     start = time.perf_counter()
     # PatchCore's LOF denoising compares all training images at once: no streaming.
-    streamable = (isinstance(pipe, Pipeline) and hasattr(detector, "partial_fit")
-                  and getattr(detector, "denoising", None) is None)
+    denoised = getattr(detector, "denoising", None) is not None
+    streamable = isinstance(pipe, Pipeline) and hasattr(detector, "partial_fit") and not denoised
     if args.stream == "always" and not streamable:
-        why = ("its LOF denoising compares all training images at once"
-               if getattr(detector, "denoising", None) is not None
+        why = ("its LOF denoising compares all training images at once" if denoised
                else "it has no partial_fit: it needs all training images at once")
         raise CommandLineError(
             f"the {args.detector} detector cannot stream: {why}; use --stream auto"
