@@ -44,19 +44,27 @@ def position_blocks(x, index=None):
     None) of the positions ``positions`` (a slice), copied into one buffer
     that every block reuses: use it before asking for the next. On a GPU
     one block holds every position.
+
+    The copy is made image by image (``block`` is the transposed view of an
+    ``(n, m, d)`` buffer): each image's positions are one contiguous run of
+    the channels-last embeddings, where the same gather position by
+    position jumps between images at every row (PaDiM's 64 x 3136 x 100 of
+    176 channels on 2 cores: 17.1 -> 13.4 ms; the batched products read the
+    transposed view as fast as a contiguous block).
     """
     n_positions, n_samples = x.shape[:2]
     step = _POSITION_BLOCK if x.device.type == "cpu" else n_positions
     d = x.shape[2] if index is None else len(index)
-    buffer = x.new_empty((min(step, n_positions), n_samples, d))
+    by_image = x.transpose(0, 1)
+    buffer = x.new_empty(min(step, n_positions) * n_samples * d)
     for start in range(0, n_positions, step):
         stop = min(n_positions, start + step)
-        block = buffer[: stop - start]
+        block = buffer[: (stop - start) * n_samples * d].view(n_samples, stop - start, d)
         if index is None:
-            block.copy_(x[start:stop])
+            block.copy_(by_image[:, start:stop])
         else:
-            gather_last(x[start:stop], index, out=block)
-        yield slice(start, stop), block
+            gather_last(by_image[:, start:stop], index, out=block)
+        yield slice(start, stop), block.transpose(0, 1)
 
 
 def chunked_moments(chunks, start=None, index=None):
@@ -332,8 +340,8 @@ def mahalanobis(x, center, prec_chol, index=None, shift=None):
     distances = x.new_empty(x.shape[:2], dtype=prec_chol.dtype)
     product = None
     for positions, block in position_blocks(x, index):
-        if product is None:
-            product = torch.empty_like(block)
+        if product is None:  # contiguous, unlike the block
+            product = block.new_empty(block.shape)
         z = torch.baddbmm(shift[positions], block, prec_chol[positions], out=product[: len(block)])
         torch.linalg.vector_norm(z, dim=2, out=distances[positions])
     return distances
