@@ -19,7 +19,7 @@ from sklearn.utils import gen_batches
 from sklearn.utils._param_validation import HasMethods, Interval, StrOptions
 from sklearn.utils.validation import check_memory
 
-from ._images import check_images, check_one_size, load_batch
+from ._images import check_images, check_one_size, image_array, load_batch
 from ._maps import check_size
 from ._torch_utils import (
     cpu_fallback_state,
@@ -90,8 +90,10 @@ def _image_key(item):
         except OSError:
             return None  # not cached: decoding reports the error
     elif hasattr(item, "convert") and hasattr(item, "tobytes"):  # a PIL image
-        digest.update(f"pil{item.mode}{item.size}".encode())
-        digest.update(item.tobytes())
+        # the decoded pixels: a palette image's bytes are only its indices
+        array = np.ascontiguousarray(image_array(item))
+        digest.update(f"pil{array.dtype.str}{array.shape}".encode())
+        digest.update(array.data)
     else:
         array = np.ascontiguousarray(item)
         digest.update(f"array{array.dtype.str}{array.shape}".encode())

@@ -24,6 +24,9 @@ def check_images(X):
     """Validate the container and return ``(X, n_images)``; raise a clear error if wrong."""
     if isinstance(X, (str, os.PathLike)):
         raise TypeError("X is a single path; pass a list of paths, e.g. [path].")
+    if isinstance(X, np.ndarray) and X.ndim == 1 and X.dtype.kind in "OUS":
+        # paths (or PIL images) in an array, e.g. from train_test_split
+        X = X.tolist()
     if _is_sequence_of_images(X):
         if len(X) == 0:
             raise ValueError("X holds no image (an empty sequence).")

@@ -123,6 +123,29 @@ def test_input_forms_agree(images, tmp_path):
     np.testing.assert_allclose(tiny().transform(paths), expected, atol=1e-5)
 
 
+def test_an_array_of_paths_is_a_list_of_paths(images, tmp_path):
+    # train_test_split of an array of paths gives an array of paths
+    paths = []
+    for i, im in enumerate(images[:3]):
+        paths.append(str(tmp_path / f"{i}.png"))
+        Image.fromarray(im).save(paths[-1])
+    expected = tiny().transform(paths)
+    np.testing.assert_array_equal(tiny().transform(np.asarray(paths)), expected)
+    np.testing.assert_array_equal(tiny().transform(np.asarray(paths, dtype=object)), expected)
+
+
+def test_the_feature_cache_tells_palette_images_apart(images, tmp_path):
+    # same palette indices, other palettes: other pictures
+    indices = images[0]
+    gray, inverted = Image.fromarray(indices, mode="P"), Image.fromarray(indices, mode="P")
+    gray.putpalette(list(range(256)) * 3)
+    inverted.putpalette(list(range(255, -1, -1)) * 3)
+    tiny(memory=str(tmp_path)).transform([gray])
+    np.testing.assert_array_equal(
+        tiny(memory=str(tmp_path)).transform([inverted]), tiny().transform([inverted])
+    )
+
+
 def test_batching_does_not_change_results(images):
     np.testing.assert_allclose(
         tiny(batch_size=3).transform(images), tiny(batch_size=10).transform(images), atol=1e-5
