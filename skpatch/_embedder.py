@@ -36,8 +36,8 @@ from .backbones import FeatureExtractor, get_backbone, load_backbone
 def _cached_extractor(backbone, weights, weights_stamp, layers, device):
     """Build (once per setting) the truncated network; clones and grid points share it.
 
-    ``weights_stamp`` (the file's modification time) makes an edited weights
-    file reload. ``weights=None`` networks are seeded so that every build,
+    ``weights_stamp`` (see ``PatchEmbedder._weights_and_stamp``) makes a
+    replaced weights file reload. ``weights=None`` networks are seeded so that every build,
     in any process, gives the same random network: fit and predict must see
     the same features.
     """
@@ -50,6 +50,16 @@ def _cached_extractor(backbone, weights, weights_stamp, layers, device):
     for parameter in extractor.parameters():
         parameter.requires_grad_(False)
     return extractor
+
+
+@functools.lru_cache(maxsize=8)
+def _file_digest(path, stamp):
+    """Content hash of a file; ``stamp`` (see ``_weights_and_stamp``) renews it when the file changes."""
+    digest = hashlib.blake2b(digest_size=20)
+    with open(path, "rb") as file:
+        for block in iter(lambda: file.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 # Bump when a change of the code changes the features of a cached setting.
@@ -335,11 +345,19 @@ class PatchEmbedder(TransformerMixin, BaseEstimator):
         return self
 
     def _weights_and_stamp(self):
+        """``(weights, stamp)``: a weights file's absolute path and what changes with it.
+
+        The stamp (modification and change times, size, inode) tells a
+        replaced file from the one loaded, also when a copy kept its
+        modification time (``cp -p``, ``rsync -a``, archives): the change
+        time is set by the system on every write.
+        """
         weights = self.weights
         stamp = None
         if weights is not None and weights != "imagenet" and os.path.isfile(weights):
             weights = os.path.abspath(os.fspath(weights))
-            stamp = os.path.getmtime(weights)
+            status = os.stat(weights)
+            stamp = (status.st_mtime_ns, status.st_ctime_ns, status.st_size, status.st_ino)
         return weights, stamp
 
     def _extractor(self):
@@ -369,8 +387,8 @@ class PatchEmbedder(TransformerMixin, BaseEstimator):
         setting = (
             _FEATURE_CACHE_VERSION,
             self.backbone,
-            None if weights is None else os.fspath(weights),
-            stamp,
+            # a file by its content: the cache follows it when moved or copied
+            _file_digest(weights, stamp) if stamp is not None else weights,
             size(self.image_size),
             size(self.crop_size),
         )

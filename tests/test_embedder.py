@@ -1,4 +1,6 @@
+import os
 import pickle
+import shutil
 import urllib.error
 
 import numpy as np
@@ -330,6 +332,28 @@ def test_weights_from_a_state_dict_file(images, tmp_path):
         assert "\n" not in str(info.value)
 
 
+def test_the_feature_cache_follows_the_weights_file_content(images, tmp_path):
+    path, cache = tmp_path / "lite0.pth", str(tmp_path / "cache")
+    first, second = build_efficientnet_lite("lite0"), build_efficientnet_lite("lite0")
+    torch.nn.init.normal_(second._conv_stem.weight)
+
+    def embed(memory=cache, weights=path):
+        return tiny(weights=str(weights), memory=memory).transform(images[:2])
+
+    torch.save(first.state_dict(), path)
+    os.utime(path, ns=(10**18, 10**18))
+    embed()
+    # replaced by other weights of the same size and modification time (cp -p)
+    torch.save(second.state_dict(), path)
+    os.utime(path, ns=(10**18, 10**18))
+    np.testing.assert_array_equal(embed(), embed(memory=None))
+    # a copy elsewhere is the same weights: the same cached features
+    copy = tmp_path / "copy.pth"
+    shutil.copy(path, copy)
+    np.testing.assert_array_equal(embed(weights=copy), embed(memory=None))
+    assert len(os.listdir(tmp_path / "cache" / "skpatch_features")) == 2
+
+
 def test_torchvision_weights_that_cannot_be_had_raise_a_clear_error(monkeypatch, tmp_path):
     from torchvision.models import ResNet18_Weights
 
@@ -341,6 +365,42 @@ def test_torchvision_weights_that_cannot_be_had_raise_a_clear_error(monkeypatch,
         PatchEmbedder("resnet18", image_size=32, crop_size=None).transform(
             np.zeros((1, 32, 32), np.uint8)
         )
+
+
+def test_torchvision_cache_files_that_cannot_be_used_are_named(monkeypatch, tmp_path):
+    # torch never downloads over a cached file: the error names it and says to replace it
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    checkpoints = tmp_path / "hub" / "checkpoints"
+    checkpoints.mkdir(parents=True)
+    cached = checkpoints / "resnet18-f37072fd.pth"
+    X = np.zeros((1, 32, 32), np.uint8)
+    for contents, problem in [
+        (lambda: torch.save({"conv1.weight": torch.zeros(1)}, cached),
+         r"does not match this backbone's architecture: \d+ keys missing"),
+        (lambda: cached.write_bytes(b"PK\x03\x04 an interrupted copy"), "corrupt or truncated"),
+        (lambda: cached.write_bytes(b"not a zip file"), "corrupt or truncated"),
+    ]:
+        contents()
+        with pytest.raises(WeightsUnavailableError, match=problem) as info:
+            PatchEmbedder("resnet18", image_size=32, crop_size=None).transform(X)
+        message = str(info.value)
+        assert str(cached) in message and "Delete it" in message
+        assert "\n" not in message and "weights_only" not in message
+
+
+def test_a_state_dict_without_batchnorm_step_counts_loads(tmp_path):
+    # files saved before torch 0.4.1 lack num_batches_tracked, which torch fills in
+    from torchvision.models import resnet18
+
+    state = resnet18(weights=None).state_dict()
+    full, legacy = tmp_path / "full.pth", tmp_path / "legacy.pth"
+    torch.save(state, full)
+    torch.save({k: v for k, v in state.items() if not k.endswith("num_batches_tracked")}, legacy)
+    X = np.random.RandomState(0).randint(0, 256, (1, 64, 64), dtype=np.uint8)
+    embed = lambda path: PatchEmbedder(  # noqa: E731
+        "resnet18", weights=str(path), image_size=None, crop_size=None
+    ).transform(X)
+    np.testing.assert_array_equal(embed(legacy), embed(full))
 
 
 def test_resnet18_random_weights_shape():

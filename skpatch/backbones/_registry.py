@@ -181,7 +181,8 @@ def _state_dict_mismatch(expected, given, n_examples=3):
         shown = ", ".join(repr(k) for k in keys[:n_examples])
         return f"{shown}, ..." if len(keys) > n_examples else shown
 
-    missing = [k for k in expected if k not in given]
+    # torch fills in a BatchNorm's missing step count (files saved before 0.4.1)
+    missing = [k for k in expected if k not in given and not k.endswith("num_batches_tracked")]
     unexpected = [k for k in given if k not in expected]
     shapes = [
         k for k in expected

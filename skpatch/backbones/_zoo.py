@@ -1,6 +1,7 @@
 """The backbones skpatch ships: EfficientNet-Lite (offline weights) and ResNets."""
 
 import functools
+import os
 
 import torch
 from torch import nn
@@ -11,7 +12,13 @@ from ._efficientnet_lite import (
     efficientnet_lite_weights_path,
     fold_batchnorm,
 )
-from ._registry import Backbone, WeightsUnavailableError, _load_state_dict_file, register_backbone
+from ._registry import (
+    Backbone,
+    WeightsUnavailableError,
+    _load_state_dict_file,
+    _state_dict_mismatch,
+    register_backbone,
+)
 
 # The TensorFlow-trained EfficientNet-Lite weights expect inputs in [-1, 1].
 HALF_NORM = ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
@@ -68,18 +75,34 @@ def _fuse_resnet(module):
 def _load_torchvision_weights(module, weights_enum):
     """Load torchvision's ImageNet weights: from its cache, else by download."""
     weights = weights_enum.IMAGENET1K_V1
+    filename = weights.url.rsplit("/", 1)[-1]
+    cached = os.path.join(torch.hub.get_dir(), "checkpoints", filename)
+    replace = f"Delete it, and download it again or copy it from {weights.url}."
     try:
         state_dict = weights.get_state_dict(progress=False, check_hash=True, weights_only=True)
-    except Exception as exc:  # URLError, timeout, hash mismatch, ...
-        filename = weights.url.rsplit("/", 1)[-1]
-        cache = torch.hub.get_dir()
+    except Exception as exc:  # URLError, timeout, hash mismatch, unreadable file, ...
+        if os.path.isfile(cached):
+            # torch never downloads over a cached file: say which one to replace
+            raise WeightsUnavailableError(
+                f"torchvision's cached weights file {cached!r} cannot be read "
+                f"({type(exc).__name__}): it is corrupt or truncated. {replace}"
+            ) from exc
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
         raise WeightsUnavailableError(
-            f"could not obtain torchvision's ImageNet weights {filename} ({exc!r}). "
+            f"could not obtain torchvision's ImageNet weights {filename} "
+            f"({type(exc).__name__}: {reason}). "
             f"On a machine without internet, copy the file from {weights.url} into "
-            f"{cache}/checkpoints/ (torchvision's cache; TORCH_HOME moves it), or pass "
+            f"{os.path.dirname(cached)}/ (torchvision's cache; TORCH_HOME moves it), or pass "
             "weights='/path/to/state_dict.pth'. weights=None gives a randomly "
             "initialized network (for tests only)."
         ) from exc
+    # One line, not torch's message, which lists every key (19 kB for a wrong file).
+    mismatch = _state_dict_mismatch(module.state_dict(), state_dict)
+    if mismatch:
+        raise WeightsUnavailableError(
+            f"torchvision's cached weights file {cached!r} does not match this backbone's "
+            f"architecture: {mismatch}. {replace}"
+        )
     module.load_state_dict(state_dict, strict=True)
 
 
