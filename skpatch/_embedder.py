@@ -318,6 +318,12 @@ class PatchEmbedder(TransformerMixin, BaseEstimator):
             raise ValueError("layers must name at least one stage.")
         if len(set(layers)) < len(layers):
             raise ValueError(f"layers names a stage twice: {layers}.")
+        unknown = [layer for layer in layers if spec.strides and layer not in spec.strides]
+        if unknown:  # here, at fit, not at the first transform
+            raise ValueError(
+                f"unknown layers {unknown}; backbone {self.backbone!r} has stages "
+                f"{list(spec.strides)}."
+            )
         if self.pool_size % 2 == 0:
             raise ValueError(f"pool_size must be odd to keep the grid size; got {self.pool_size}.")
         check_size(self.image_size, "image_size")

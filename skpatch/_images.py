@@ -208,11 +208,16 @@ def _decode(item):
 
 
 def _resize_size(height, width, image_size):
-    """torchvision's rule: an int sets the shorter side, a pair sets (H, W)."""
+    """torchvision's rule: an int sets the shorter side, a pair sets (H, W).
+
+    The longer side is truncated, as ``torchvision.transforms.Resize`` does
+    (300 x 451 at 256: 256 x 384), so that the papers' preprocessing is
+    reproduced to the pixel.
+    """
     if isinstance(image_size, Integral):
         if height <= width:
-            return int(image_size), max(1, round(width * image_size / height))
-        return max(1, round(height * image_size / width)), int(image_size)
+            return int(image_size), max(1, int(image_size * width / height))
+        return max(1, int(image_size * height / width)), int(image_size)
     return tuple(int(s) for s in image_size)
 
 

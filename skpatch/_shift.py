@@ -11,7 +11,7 @@ from sklearn.utils._param_validation import HasMethods, Interval
 from sklearn.utils.validation import check_is_fitted
 
 from ._compose import _split
-from ._images import stack_images
+from ._images import _resize_size, stack_images
 from ._maps import map_size_tuple
 
 
@@ -194,13 +194,7 @@ class ImageShiftDetector(MetaEstimatorMixin, OutlierMixin, BaseEstimator):
         embedder = next((t for t in transformers if hasattr(t, "crop_size")), None)
         if embedder is not None:
             size = embedder.image_size
-            if size is None:
-                resized = (height, width)
-            elif isinstance(size, Integral):
-                factor = size / min(height, width)
-                resized = (round(height * factor), round(width * factor))
-            else:
-                resized = tuple(int(s) for s in size)
+            resized = (height, width) if size is None else _resize_size(height, width, size)
             scale = (resized[0] / height, resized[1] / width)
             crop = resized if embedder.crop_size is None else map_size_tuple(embedder.crop_size)
         return scale[0] * map_shape[0] / crop[0], scale[1] * map_shape[1] / crop[1]

@@ -74,6 +74,16 @@ def test_resize_and_crop(images):
     assert tiny(image_size=(32, 32), crop_size=None).transform(rect).shape[-2:] == (8, 8)
 
 
+@pytest.mark.parametrize("shape", [(300, 451), (451, 300), (480, 641), (300, 400), (7, 1000)])
+def test_the_resized_size_is_torchvisions(shape):
+    from torchvision.transforms.functional import resize
+
+    from skpatch._images import _resize_size
+
+    expected = resize(torch.zeros((1, *shape)), 256, antialias=True).shape[-2:]
+    assert _resize_size(*shape, 256) == tuple(expected)
+
+
 def test_layers_and_pooling(images):
     out = tiny(layers=["stage2"]).transform(images[:2])
     assert out.shape == (2, 40, 4, 4)
@@ -301,6 +311,8 @@ def test_bad_parameters_are_named(images):
         tiny(backbone="resnet9000").fit(images)
     with pytest.raises(ValueError, match="unknown layers"):
         tiny(layers=["layer3"]).transform(images[:1])
+    with pytest.raises(ValueError, match=r"unknown layers \['layer3'\]; backbone .* has stages"):
+        tiny(layers=["layer3"]).fit(images)  # at fit, as every other parameter
     with pytest.raises(ValueError, match="odd"):
         tiny(pool_size=2).fit(images)
     with pytest.raises(ValueError, match="neither 'imagenet', None, nor an existing"):
