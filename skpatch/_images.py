@@ -32,6 +32,8 @@ def check_images(X):
             raise ValueError("X holds no image (an empty sequence).")
         return X, len(X)
     if torch.is_tensor(X):
+        if X.dtype == torch.bfloat16:  # NumPy has no bfloat16
+            X = X.float()
         X = X.detach().cpu().numpy()  # a tensor that requires grad refuses np.asarray
     if hasattr(X, "__array__") or isinstance(X, np.ndarray):
         X = np.asarray(X) if not isinstance(X, np.ndarray) else X

@@ -33,6 +33,11 @@ def resolve_device(device):
             f"device={str(device)!r} was requested but CUDA is not available on this "
             "machine; use device='auto' or device='cpu'."
         )
+    if device.type == "meta":  # tensors without data: nothing could be computed
+        raise ValueError(
+            "device='meta' holds no data, so nothing can be computed on it; use "
+            "device='auto', 'cpu' or 'cuda'."
+        )
     if device.type not in ("cpu", "cuda"):
         try:  # another backend (mps, xpu...): torch knows whether it can use it
             torch.empty(0, device=device)

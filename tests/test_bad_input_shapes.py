@@ -68,6 +68,11 @@ def test_a_tensor_of_images_that_requires_grad_is_read(embedder):
     np.testing.assert_allclose(embedder.transform(images), embedder.transform(IMAGES), atol=1e-5)
 
 
+def test_a_bfloat16_tensor_of_images_is_read(embedder):
+    images = torch.tensor(IMAGES / 255.0, dtype=torch.bfloat16)
+    np.testing.assert_array_equal(embedder.transform(images), embedder.transform(images.float()))
+
+
 def test_16_bit_files_are_scaled_not_clipped(embedder, tmp_path):
     # PIL's convert("RGB") clips 16-bit values at 255 (a nearly white image).
     gradient = (np.arange(32 * 32).reshape(32, 32) * 64).astype(np.uint16)

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from skpatch import _torch_utils
-from skpatch._torch_utils import all_finite, as_tensor, is_view_on, map_on_cores
+from skpatch._torch_utils import all_finite, as_tensor, is_view_on, map_on_cores, resolve_device
 
 
 @pytest.fixture
@@ -149,3 +149,8 @@ def test_building_networks_and_fitting_pni_leave_gpu_generators_alone(monkeypatc
         map_size=None, n_dist=8, n_epochs=1, random_state=0,
     ).fit(images)
     assert calls == []
+
+
+def test_the_meta_device_is_refused_in_one_line():
+    with pytest.raises(ValueError, match="device='meta' holds no data"):
+        resolve_device("meta")
