@@ -93,7 +93,8 @@ def fit_in_batches(estimator, X, *, batch_size=64):
         first use (the ``offset_`` threshold; PatchCore's coreset) is
         computed before it returns. If a batch fails (an unreadable image,
         NaN embeddings, ...), the error is raised and the detector is left
-        unfitted, not fitted on the batches before it.
+        unfitted, not fitted on the batches before it; so it is when ``X``
+        holds too few images for a model (one), with the error of ``fit``.
 
     Examples
     --------
@@ -132,6 +133,9 @@ def fit_in_batches(estimator, X, *, batch_size=64):
             for transformer in transformers:
                 Xt = transformer.transform(Xt)
             detector.partial_fit(np.asarray(Xt) if isinstance(Xt, list) else Xt)
+        if hasattr(detector, "_check_scorable"):
+            # A stream too short for a model (one image) fails as fit does.
+            detector._check_scorable()
     except BaseException:
         # A model of the batches before the failure would pass for a fitted
         # one: an unfitted detector is better than a silently wrong one.

@@ -117,10 +117,12 @@ def chunked_moments(chunks, start=None, index=None):
 def merge_moments(first, second):
     """Merge two ``(count, mean, scatter)`` triples (Chan et al.'s pairwise update).
 
-    ``first`` may be ``None`` (nothing seen yet).
+    ``first`` may be ``None`` (nothing seen yet). Neither triple is modified,
+    and the result shares no memory with them.
     """
     if first is None:
-        return second
+        count, mean, scatter = second
+        return count, mean.clone(), scatter.clone()
     count, mean, scatter = first
     return merge_moments_((count, mean.clone(), scatter.clone()), second)
 

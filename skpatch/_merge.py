@@ -70,9 +70,12 @@ def _merge_padim(detectors):
     merged.n_samples_seen_ = int(moments[0])
     merged.mean_ = to_numpy(moments[1])
     merged.scatter_ = to_numpy(moments[2])
+    # the merge fits the merged model: its ridge is the current epsilon
+    merged._fit_epsilon = merged.epsilon
     if merged.n_samples_seen_ >= 2:
         with torch.inference_mode():
-            merged.precision_cholesky_ = to_numpy(merged._whitening(moments)[1])
+            whitening = merged._whitening(moments, merged._fit_epsilon)
+            merged.precision_cholesky_ = to_numpy(whitening[1])
     # Each shard's training scores came from its own model (leave-one-out
     # when calibration says so): their quantile approximates the one-fit offset.
     merged._train_scores = np.concatenate([d._train_scores for d in detectors])
@@ -130,8 +133,10 @@ def merge_detectors(estimators):
     -------
     merged : detector or Pipeline
         A new fitted estimator (the inputs are not modified); for pipelines,
-        the first pipeline's other steps with the merged detector. It can be
-        updated further with ``partial_fit``.
+        the first pipeline's other steps with the merged detector. The
+        detector can be updated further with ``partial_fit`` on embeddings
+        (``merged[-1].partial_fit(merged[:-1].transform(images))`` for a
+        pipeline, which has no ``partial_fit`` of its own).
 
     Raises
     ------

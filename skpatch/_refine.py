@@ -13,7 +13,7 @@ from sklearn.utils.validation import check_is_fitted
 
 from ._compose import _split, anomaly_map
 from ._images import load_batch, preprocess, stack_images
-from ._torch_utils import resolve_device, seeded, single_threaded, to_numpy
+from ._torch_utils import cpu_fallback_state, resolve_device, seeded, single_threaded, to_numpy
 from .backbones import get_backbone
 from .datasets import make_synthetic_defects
 
@@ -263,6 +263,10 @@ class AnomalyMapRefiner(MetaEstimatorMixin, OutlierMixin, BaseEstimator):
         self.random_state = random_state
         self.device = device
         self.verbose = verbose
+
+    def __setstate__(self, state):
+        # A refiner saved with device="cuda" loads on a CPU-only machine.
+        super().__setstate__(cpu_fallback_state(state, type(self).__name__))
 
     def _validate_params(self):
         # and a device torch knows, before the wrapped pipeline's fit

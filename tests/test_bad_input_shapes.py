@@ -128,7 +128,8 @@ def test_mixed_sizes_are_refused_with_a_feature_cache(tmp_path):
         (np.zeros((1, 2, 8, 8, 3), np.uint8), ValueError, r"expected \(n, H, W\)"),
         (np.zeros((2, 1, 8, 8), np.uint8), ValueError, "channels-first"),
         (np.uint8(3), ValueError, r"expected \(n, H, W\)"),
-        (np.array([IMAGES[0], IMAGES[1][:20]], dtype=object), ValueError, "expected"),
+        # a 1-D object array is a list: of two sizes, refused without a crop
+        (np.array([IMAGES[0], IMAGES[1][:20]], dtype=object), ValueError, "different sizes"),
         ([IMAGES[0], None], TypeError, "NoneType is not an image"),
         ([np.zeros((0, 8), np.uint8)], ValueError, "empty"),
         ([np.zeros(10, np.uint8)], ValueError, r"neither \(H, W\)"),
@@ -273,6 +274,22 @@ def test_fit_in_batches_that_fails_leaves_the_detector_unfitted(name):
     with pytest.raises(ValueError, match="NaN"):
         fit_in_batches(detector, X, batch_size=4)
     with pytest.raises(NotFittedError):
+        detector.predict(X_TRAIN[:2])
+
+
+@pytest.mark.parametrize("name", ["PaDiMDetector", "PatchCoreDetector"])
+def test_fit_in_batches_of_one_image_fails_as_fit_does(name):
+    from sklearn.exceptions import NotFittedError
+
+    from skpatch import fit_in_batches
+
+    with pytest.raises(ValueError, match="at least 2 samples") as fit_error:
+        make_detector(name).fit(X_TRAIN[:1])
+    detector = make_detector(name).fit(X_TRAIN[:6])
+    with pytest.raises(ValueError, match="at least 2 samples") as error:
+        fit_in_batches(detector, X_TRAIN[:1], batch_size=4)
+    assert str(error.value) == str(fit_error.value)
+    with pytest.raises(NotFittedError):  # not a stream of one image either
         detector.predict(X_TRAIN[:2])
 
 

@@ -2,7 +2,7 @@ import joblib
 import numpy as np
 import pytest
 import torch
-from sklearn.base import BaseEstimator, OutlierMixin
+from sklearn.base import BaseEstimator, OutlierMixin, clone
 from sklearn.model_selection import GridSearchCV
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import FunctionTransformer
@@ -208,6 +208,16 @@ def test_kmeans_budget_and_ratio():
     assert det.centroids_.shape == (5, 5)
     det.set_params(image_score="max").fit(X)
     assert not hasattr(det, "centroids_")
+
+
+def test_refit_keeps_no_attribute_of_the_fit_before():
+    X = embeddings(n=12, dtype=np.float32)
+    det = NPadDetector(n_features=None, kmeans_max_samples=100, random_state=0).fit(X)
+    assert hasattr(det, "kmeans_n_iter_")
+    det.set_params(image_score="max").fit(X)  # no k-means any more
+    fresh = clone(det).fit(X)
+    assert set(vars(det)) == set(vars(fresh))
+    assert not hasattr(det, "kmeans_n_iter_")
 
 
 def test_outlier_interface_flags_shifted_images():

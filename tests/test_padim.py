@@ -392,3 +392,23 @@ def test_streamed_offset_matches_fit():
     assert restored.offset_ == streamed.offset_
     assert not hasattr(restored, "_calibration_sample")
     assert_allclose(restored.decision_function(X[:5]), streamed.decision_function(X[:5]))
+
+
+def test_epsilon_takes_effect_at_the_next_fit_not_on_load():
+    # The precision factor is not saved (it is recomputed on first use after
+    # loading or streaming): it must use the ridge of the fit, as a model
+    # whose epsilon is changed without a refit keeps its scores.
+    X = embeddings(n=30)
+    test = embeddings(n=4, seed=1)
+    for method in ("fit", "partial_fit"):
+        detector = getattr(PaDiMDetector(map_size=None, random_state=0), method)(X[:20])
+        expected = PaDiMDetector(map_size=None, random_state=0).fit(X[:20]).score_samples(test)
+        detector.set_params(epsilon=10.0)
+        assert_allclose(detector.score_samples(test), expected, rtol=1e-6)
+        restored = pickle.loads(pickle.dumps(detector))
+        assert_allclose(restored.score_samples(test), expected, rtol=1e-6)
+        # the next partial_fit uses the new ridge, as fit on all images would
+        refit = PaDiMDetector(map_size=None, random_state=0, epsilon=10.0).fit(X)
+        for model in (detector, restored):
+            model.partial_fit(X[20:])
+            assert_allclose(model.score_samples(test), refit.score_samples(test), rtol=1e-4)

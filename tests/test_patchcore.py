@@ -299,6 +299,48 @@ def test_partial_fit_persistence(tmp_path, monkeypatch):
     assert loaded.n_patches_stored_ == 20 + 48 and loaded.memory_bank_.shape == (7, 6)
 
 
+def test_one_image_checkpoint_saves_the_filled_store_only():
+    # With max_patches, the store is allocated whole at the first batch; a
+    # checkpoint after one image (no model yet) saves the patches seen only.
+    X = embeddings(n=5, c=32, h=8, w=8)
+    det = PatchCoreDetector(0.5, max_patches=5000, random_state=0, map_size=None)
+    det.partial_fit(X[:1])
+    assert len(det._store) == 5000 and det._n_stored == 64
+    blob = pickle.dumps(det)
+    # its store and the calibration sample hold that image; 640 kB allocated
+    assert len(blob) < 3 * X[0].nbytes
+    loaded = pickle.loads(blob)
+    assert loaded._store.shape == (64, 32) and loaded._store_groups.shape == (64,)
+    assert len(det._store) == 5000  # the detector itself is left as it was
+    # the stream goes on (the store grows again) to the uninterrupted model
+    expected = PatchCoreDetector(0.5, max_patches=5000, random_state=0, map_size=None)
+    expected.partial_fit(X[:1]).partial_fit(X[1:])
+    loaded.partial_fit(X[1:])
+    assert loaded.n_patches_seen_ == 320
+    np.testing.assert_array_equal(loaded.memory_bank_, expected.memory_bank_)
+    np.testing.assert_array_equal(loaded.score_samples(X), expected.score_samples(X))
+    assert loaded.offset_ == expected.offset_
+
+
+def test_checkpoint_leaves_a_shared_random_state_as_it_was():
+    # The checkpoint selects the coreset on a copy of the detector: it must
+    # not draw from the RandomState instance the detector's stream uses.
+    X = embeddings(n=8, h=4, w=4)
+    test = embeddings(n=3, seed=1, h=4, w=4)
+
+    def stream(checkpoint):
+        random_state = np.random.RandomState(0)
+        det = PatchCoreDetector(max_patches=40, random_state=random_state, map_size=None)
+        det.partial_fit(X[:4])
+        if checkpoint:
+            state = pickle.dumps(random_state)
+            pickle.dumps(det)
+            assert pickle.dumps(random_state) == state
+        return det.partial_fit(X[4:]).score_samples(test)
+
+    np.testing.assert_array_equal(stream(checkpoint=True), stream(checkpoint=False))
+
+
 def test_fit_in_batches_pipeline(images):
     from skpatch import fit_in_batches
 

@@ -24,13 +24,28 @@ def data():
     return images[:14], images[14:]
 
 
+# Meta-estimators that wrap a pipeline, saved and loaded as the pipelines are.
+_WRAPPERS = {
+    "AnomalyMapRefiner": lambda: skpatch.AnomalyMapRefiner(
+        make_pipe("PNIDetector"), n_epochs=1, random_state=0
+    ),
+    "ImageShiftDetector": lambda: skpatch.ImageShiftDetector(
+        make_pipe("NPadDetector"), max_shift=1
+    ),
+}
+
+
+def _devices(model):
+    """The ``device`` parameters of a model and of the estimators it holds."""
+    params = model.get_params()
+    return {key: value for key, value in params.items() if key.split("__")[-1] == "device"}
+
+
 def _fit(name, data, device="auto"):
     train, _ = data
-    pipe = make_pipe(name, embedder_params={"device": device})
-    detector = pipe[-1]
-    if "device" in detector.get_params():
-        detector.set_params(device=device)
-    return pipe.fit(train)
+    model = _WRAPPERS[name]() if name in _WRAPPERS else make_pipe(name)
+    model.set_params(**{key: device for key in _devices(model)})
+    return model.fit(train)
 
 
 _FITTED = {}
@@ -124,7 +139,7 @@ def _simulate_cuda(monkeypatch):
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="simulates CUDA on a CPU-only machine")
-@pytest.mark.parametrize("name", detector_names())
+@pytest.mark.parametrize("name", detector_names() + sorted(_WRAPPERS))
 def test_pipeline_fitted_on_cuda_loads_and_predicts_on_cpu(name, data, tmp_path):
     _, expected = _fitted(name, data)
     with pytest.MonkeyPatch.context() as monkeypatch:
@@ -136,8 +151,8 @@ def test_pipeline_fitted_on_cuda_loads_and_predicts_on_cpu(name, data, tmp_path)
     assert not torch.cuda.is_available()
     with pytest.warns(UserWarning, match="CUDA is not available"):
         loaded = joblib.load(tmp_path / "cuda.joblib")
-    devices = [step.get_params()["device"] for step in loaded if "device" in step.get_params()]
-    assert devices and set(devices) == {"cpu"}
+    devices = _devices(loaded)
+    assert devices and set(devices.values()) == {"cpu"}, devices
     _assert_same_predictions(expected, loaded, data[1])
 
 

@@ -1,5 +1,7 @@
 """Scale-out: grid search on a Dask cluster, and PaDiM fitted on shards then merged."""
 
+import pickle
+
 import joblib
 import numpy as np
 import pytest
@@ -77,6 +79,32 @@ def test_shards_fitted_in_parallel_merge_into_the_one_fit_model(dtype, rtol):
         _padim().fit(np.concatenate([X, more])).score_samples(test),
         rtol=rtol,
     )
+
+
+def test_merging_one_shard_copies_it():
+    # merge_moments(None, shard) once returned the shard's own arrays: a
+    # partial_fit of the merged model updated the shard in place.
+    X = _embeddings(n=14)
+    shard = _padim().fit(X[:10])
+    mean, scatter = shard.mean_.copy(), shard.scatter_.copy()
+    merged = merge_detectors([shard])
+    assert not np.shares_memory(merged.mean_, shard.mean_)
+    assert not np.shares_memory(merged.scatter_, shard.scatter_)
+    merged.partial_fit(X[10:])
+    assert merged.n_samples_seen_ == 14 and shard.n_samples_seen_ == 10
+    np.testing.assert_array_equal(shard.mean_, mean)
+    np.testing.assert_array_equal(shard.scatter_, scatter)
+
+
+def test_merged_model_keeps_its_ridge_when_saved():
+    # epsilon changed after the merge takes effect at the next (partial) fit,
+    # not when the saved model recomputes its precision factors
+    X = _embeddings(n=14)
+    merged = merge_detectors([_padim().fit(X[:7]), _padim().fit(X[7:])])
+    expected = merged.score_samples(X)
+    merged.set_params(epsilon=10.0)
+    restored = pickle.loads(pickle.dumps(merged))
+    np.testing.assert_allclose(restored.score_samples(X), expected, rtol=1e-9)
 
 
 def test_pipelines_fitted_on_image_shards_on_dask_merge(client):

@@ -553,16 +553,19 @@ class BaseGaussianDetector(BasePatchDetector):
         n_values = 2 * blocked * len(self.feature_indices_) + 2 * n_positions + 2 * map_values
         return self._copy_bytes(X, device, dtype) + n_values * dtype.itemsize
 
-    def _whitening(self, moments):
+    def _whitening(self, moments, epsilon=None):
         """``(center, precision Cholesky factor)`` of ``(count, center, scatter)``.
 
         PaDiM eq. (1) (``scatter / (N - 1) + εI``), then the Cholesky factor.
         ``count`` is a number, or a ``(P, 1, 1)`` tensor of per-position
         counts (RPaDiM keeps a different number of patches at each position).
+        ``epsilon`` is the ridge ``ε``; None uses the ``epsilon`` parameter.
         """
         count, center, scatter = moments
         self._warn_degenerate(count, center, scatter)
-        covariance = _gaussian.regularized_covariance(scatter, count, self.epsilon)
+        if epsilon is None:
+            epsilon = self.epsilon
+        covariance = _gaussian.regularized_covariance(scatter, count, epsilon)
         return center, _gaussian.precision_cholesky(covariance, overwrite=True)
 
     def _warn_degenerate(self, count, center, scatter):

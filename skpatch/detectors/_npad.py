@@ -505,7 +505,7 @@ class NPadDetector(BaseGaussianDetector):
         for attribute in (
             "nonzero_counts_", "neighbor_weights_", "weighted_mean_",
             "weighted_precision_cholesky_", "aggregated_mean_",
-            "aggregated_precision_cholesky_", "centroids_",
+            "aggregated_precision_cholesky_", "centroids_", "kmeans_n_iter_",
         ):
             self.__dict__.pop(attribute, None)
         with torch.inference_mode():

@@ -213,6 +213,9 @@ class PaDiMDetector(BaseGaussianDetector):
                 self.__dict__ = {k: v for k, v in self.__dict__.items() if k in params}
             raise
         self.n_samples_seen_ = int(moments[0])
+        # The ridge of this fit: the precision factor, recomputed after
+        # loading, keeps it if epsilon is changed without a refit.
+        self._fit_epsilon = self.epsilon
         self.__dict__.pop("mean_", None)
         self.__dict__.pop("scatter_", None)
         if whiten or torch.device(device).type == "cpu":
@@ -227,7 +230,7 @@ class PaDiMDetector(BaseGaussianDetector):
         self.__dict__.pop("precision_cholesky_", None)
         if count < 2 or not whiten:
             return None
-        mean, prec_chol = self._whitening(moments)
+        mean, prec_chol = self._whitening(moments, self._fit_epsilon)
         self.precision_cholesky_ = to_numpy(prec_chol)
         loo = count if self._calibrates_out_of_sample(count) else None
         shift = self._fitted_shift(*self._scoring_state, device)  # kept for scoring too
@@ -339,7 +342,8 @@ class PaDiMDetector(BaseGaussianDetector):
         # computed once, when first needed, so that every sampled image is
         # scored by the final model; precision_cholesky_ is computed on first
         # use after partial_fit, and after loading (it is not saved: it would
-        # double the file).
+        # double the file), with the ridge of the last fit (files saved before
+        # it was recorded: epsilon).
         state = self.__dict__
         if name in ("mean_", "scatter_") and "_running" in state:
             state[name] = to_numpy(state["_running"][1 if name == "mean_" else 2])
@@ -355,8 +359,9 @@ class PaDiMDetector(BaseGaussianDetector):
                 as_tensor(self.mean_, device),
                 as_tensor(self.scatter_, device),
             )
+            epsilon = state.get("_fit_epsilon", self.epsilon)
             with torch.inference_mode():
-                self.precision_cholesky_ = to_numpy(self._whitening(moments)[1])
+                self.precision_cholesky_ = to_numpy(self._whitening(moments, epsilon)[1])
             return state[name]
         raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
 

@@ -1,5 +1,6 @@
 """PatchCore: a coreset memory bank of training patches (Roth et al., 2022)."""
 
+import copy
 import math
 from numbers import Integral, Real
 
@@ -517,8 +518,14 @@ class PatchCoreDetector(BasePatchDetector):
 
     def __getstate__(self):
         if "_store" not in self.__dict__ or not self._can_finalize():
-            # No model yet (one image): the stream itself is saved.
-            return super().__getstate__()
+            # No model yet (one image): the stream itself is saved, the rows
+            # of the store filled only (it is allocated whole, max_patches
+            # rows, and grows again as the stream goes on).
+            state = dict(super().__getstate__())  # a copy of the live __dict__
+            if "_store" in state:
+                state["_store"] = state["_store"][: self._n_stored]
+                state["_store_groups"] = state["_store_groups"][: self._n_stored]
+            return state
         # Save the coreset, not the store. It is selected on a shallow copy,
         # as this detector's stream may go on from its store after a
         # checkpoint, and kept: until the next partial_fit this detector
@@ -526,6 +533,9 @@ class PatchCoreDetector(BasePatchDetector):
         if any(name not in self.__dict__ for name in _LAZY):
             finalized = object.__new__(type(self))
             finalized.__dict__.update(self.__dict__)
+            # its own RandomState instance: the selection must not advance
+            # the one this detector's stream draws from
+            finalized.random_state = copy.deepcopy(self.random_state)
             finalized._finalize()
             self.__dict__.update({name: finalized.__dict__[name] for name in _LAZY})
         state = super().__getstate__()
