@@ -1,7 +1,8 @@
 """Anomaly-map post-processing: upsampling and Gaussian blur.
 
 PaDiM (§IV-B) and its descendants resize the patch-score grid to the image
-resolution (bicubic) and smooth it with a Gaussian filter of ``sigma = 4``.
+resolution (bicubic; bilinear in PatchCore §3.3) and smooth it with a
+Gaussian filter of ``sigma = 4``.
 The blur reflects at the border like :func:`scipy.ndimage.gaussian_filter`
 (its default ``mode="reflect"``, ``truncate=4.0``), which the papers'
 reference code calls.

@@ -6,8 +6,8 @@ distribution per position (PatchCore, SPADE, PNI):
 * :func:`greedy_coreset`: the greedy k-center (minimax facility location)
   selection of PatchCore (Roth et al., 2022, §3.2, Algorithm 1), in its
   approximate form: distances are taken between Johnson-Lindenstrauss random
-  projections of the features (PatchCore: "we reduce the dimensionality of
-  the features via random linear projections", ``d* = 128``). The picks are
+  projections ``ψ: R^d -> R^d*`` of the features (``d* = 128`` in the
+  official code). The picks are
   returned in order, so the first ``k`` indices are the greedy coreset of
   size ``k`` (nested coresets, as PNI's ``C_dist ⊂ C_emb`` needs).
 * :func:`nearest_neighbors`: exact Euclidean k-nearest neighbours of

@@ -32,18 +32,20 @@ def test_fast_params_entry():
     SPADEDetector(**FAST_PARAMS["SPADEDetector"]).fit(embeddings(n=5))
 
 
-def test_image_score_is_mean_distance_to_k_nearest_global_features():
+def test_image_score_is_mean_squared_distance_to_k_nearest_global_features():
+    # SPADE eq. (1): the squared distances are averaged
     X = embeddings()
     test = embeddings(n=4, seed=1)
     det = SPADEDetector(5, global_channels=4, map_size=None).fit(X)
     g = X[:, -4:].mean(axis=(2, 3))
     np.testing.assert_allclose(det.global_features_, g, rtol=1e-6)
     ref = NearestNeighbors(n_neighbors=5).fit(g).kneighbors(test[:, -4:].mean(axis=(2, 3)))[0]
-    np.testing.assert_allclose(-det.score_samples(test), ref.mean(axis=1), rtol=1e-5)
+    np.testing.assert_allclose(-det.score_samples(test), (ref**2).mean(axis=1), rtol=1e-5)
     assert det.patches_.shape == (30, 12, 6)
 
 
-def test_pixel_score_is_distance_to_gallery_of_k_nearest_images():
+def test_pixel_score_is_squared_distance_to_gallery_of_k_nearest_images():
+    # eq. (2): every position of the K nearest images, squared distances averaged
     X = embeddings()
     test = embeddings(n=3, seed=2)
     det = SPADEDetector(4, n_gallery_neighbors=2, map_size=None, sigma=0).fit(X)
@@ -52,14 +54,14 @@ def test_pixel_score_is_distance_to_gallery_of_k_nearest_images():
     for i in range(3):
         gallery = X[near[i]].transpose(0, 2, 3, 1).reshape(-1, 6)
         d = NearestNeighbors(n_neighbors=2).fit(gallery).kneighbors(test[i].reshape(6, -1).T)[0]
-        np.testing.assert_allclose(maps[i].reshape(-1), d.mean(axis=1), rtol=1e-5)
+        np.testing.assert_allclose(maps[i].reshape(-1), (d**2).mean(axis=1), rtol=1e-5)
 
 
 def test_leave_one_out_calibration_is_exact_knn_loo(rng):
     X = rng.normal(size=(40, 3))
     det = SPADEDetector(3).fit(X)
     d = NearestNeighbors(n_neighbors=4).fit(X).kneighbors(X)[0][:, 1:]  # itself first
-    expected = np.percentile(-d.mean(axis=1), 10)
+    expected = np.percentile(-(d**2).mean(axis=1), 10)
     assert det.offset_ == pytest.approx(expected, rel=1e-5)
     in_sample = SPADEDetector(3, calibration="in-sample").fit(X)
     assert in_sample.offset_ > det.offset_  # its own point at distance 0: optimistic
@@ -69,7 +71,7 @@ def test_k_clipped_to_training_set():
     X = embeddings(n=6)
     det = SPADEDetector(50, map_size=None).fit(X)
     ref = np.linalg.norm(X.mean(axis=(2, 3))[None] - (X[:2] + 1).mean(axis=(2, 3))[:, None], axis=2)
-    np.testing.assert_allclose(-det.score_samples(X[:2] + 1), ref.mean(axis=1), rtol=1e-5)
+    np.testing.assert_allclose(-det.score_samples(X[:2] + 1), (ref**2).mean(axis=1), rtol=1e-5)
     assert det.anomaly_map(X[:2]).shape == (2, 3, 4)
 
 

@@ -100,6 +100,10 @@ class BasePatchDetector(OutlierMixin, BaseEstimator):
         "PatchEmbedder batch_size); or use device='cpu'."
     )
 
+    # How the patch-score grid is resized to the map: PaDiM §IV-B's bicubic;
+    # a detector whose paper says otherwise sets its own.
+    _map_interpolation = "bicubic"
+
     _parameter_constraints = {
         "map_size": [Interval(Integral, 1, None, closed="left"), tuple, list, None],
         "sigma": [Interval(Real, 0, None, closed="left")],
@@ -343,7 +347,9 @@ class BasePatchDetector(OutlierMixin, BaseEstimator):
 
     def _maps(self, x):
         """Anomaly maps of a chunk of embeddings: scores, upsampled and blurred."""
-        return postprocess(self._patch_scores(x), map_size_tuple(self.map_size), self.sigma)
+        return postprocess(
+            self._patch_scores(x), map_size_tuple(self.map_size), self.sigma, self._map_interpolation
+        )
 
     def _image_scores(self, x, patch_scores=None):
         """Image anomaly scores of a chunk: the maximum of the anomaly map (PaDiM §III-C).
@@ -355,7 +361,7 @@ class BasePatchDetector(OutlierMixin, BaseEstimator):
         if x.shape[-2:] == (1, 1):
             # A one-patch grid gives a constant map: its maximum is the patch score.
             return grid.flatten(1).amax(dim=1)
-        maps = postprocess(grid, map_size_tuple(self.map_size), self.sigma)
+        maps = postprocess(grid, map_size_tuple(self.map_size), self.sigma, self._map_interpolation)
         return maps.flatten(1).amax(dim=1)
 
     @staticmethod
@@ -637,11 +643,14 @@ def locally_aware_embedder(backbone, embedder_params=None):
 
     The last two of the backbone's default stages (``layer2`` + ``layer3`` of
     a ResNet, ``stage2`` + ``stage4`` of EfficientNet-Lite), each ``3 x 3``
-    average-pooled; ``embedder_params`` may override anything.
+    average-pooled, the deeper one resized bilinearly to the grid of the
+    other; ``embedder_params`` may override anything.
     """
     from .._embedder import PatchEmbedder
     from ..backbones import get_backbone
 
     layers = tuple(get_backbone(backbone).default_layers[-2:])
-    params = {"layers": layers, "pool_size": 3, **(embedder_params or {})}
+    # PatchCore §3.1 rescales the deeper map bilinearly, as its official code
+    params = {"layers": layers, "pool_size": 3, "upsample_mode": "bilinear",
+              **(embedder_params or {})}
     return PatchEmbedder(backbone, **params)

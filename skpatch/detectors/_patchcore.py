@@ -49,8 +49,8 @@ class PatchCoreDetector(BasePatchDetector):
        between random projections to ``projection_dim`` dimensions
        (:func:`skpatch._memory_bank.greedy_coreset`).
     3. **Scoring** (§3.3): the patch score is the distance of a test patch
-       to its nearest memory item; the map is upsampled and blurred
-       (``sigma = 4``); the image score is the largest patch score ``s*``
+       to its nearest memory item; the map is upsampled bilinearly and
+       blurred (``sigma = 4``); the image score is the largest patch score ``s*``
        reweighted by eq. (7), ``s = (1 - exp‖m* - m_test‖ / Σ_{m ∈ N_b(m*)}
        exp‖m - m_test‖) s*``, where ``m*`` is the memory item nearest to
        the most anomalous test patch and ``N_b(m*)`` its ``b =
@@ -89,10 +89,13 @@ class PatchCoreDetector(BasePatchDetector):
     n_reweight : int, default=9
         ``b``, the number of memory items in the reweighting of the image
         score (§3.3, eq. 7); 1 disables the reweighting (the image score is
-        the largest patch score). Clipped to the size of the bank.
+        the largest patch score). Clipped to the size of the bank. The paper
+        gives no value and its official code does not reweight: 9 is
+        anomalib's.
     projection_dim : int or None, default=128
         Dimension of the random projection in which the coreset's distances
-        are computed (§3.2, ``d* = 128``); None uses the features.
+        are computed (§3.2's ``d*``; 128 is the official code's); None uses
+        the features.
     denoising : {None, "lof"}, default=None
         SoftPatch-style patch denoising (see above).
     tau : float in (0, 1], default=0.85
@@ -102,7 +105,7 @@ class PatchCoreDetector(BasePatchDetector):
         With ``denoising="lof"``: neighbours of the local outlier factor.
     sigma : float, default=4
         Standard deviation, in map pixels, of the Gaussian blur of the anomaly
-        maps; 0 disables it.
+        maps (§3.3); 0 disables it.
     map_size : int, pair of int or None, default=224
         Size ``(H, W)`` of the anomaly maps; None keeps the patch grid.
     contamination : float in (0, 0.5], default=0.1
@@ -223,6 +226,9 @@ class PatchCoreDetector(BasePatchDetector):
     >>> detector.predict(X[:3] + 10)
     array([-1, -1, -1])
     """
+
+    # PatchCore §3.3 (and its official code): bilinear upsampling, then the blur
+    _map_interpolation = "bilinear"
 
     _parameter_constraints = {
         **BasePatchDetector._parameter_constraints,

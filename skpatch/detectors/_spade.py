@@ -20,14 +20,14 @@ class SPADEDetector(BasePatchDetector):
 
     Implements Semantic Pyramid Anomaly Detection (Cohen & Hoshen, 2020):
 
-    1. **Image level** (§3.2.1): every image is described by a global
-       feature, the spatial average of its deepest feature map; the image
-       anomaly score is the mean Euclidean distance to its
+    1. **Image level** (§3.2.1, eq. 1): every image is described by a
+       global feature, the spatial average of its deepest feature map; the
+       image anomaly score is the mean *squared* Euclidean distance to its
        ``K = n_neighbors`` nearest training images in that space.
-    2. **Pixel level** (§3.3.1): the patch features of those ``K`` images
-       form a gallery; the score of a test patch is the mean distance to its
-       ``κ = n_gallery_neighbors`` nearest gallery features; the map is
-       upsampled and blurred (``sigma = 4``).
+    2. **Pixel level** (§3.3.1, eq. 2): the patch features of every position
+       of those ``K`` images form a gallery; the score of a test patch is
+       the mean squared distance to its ``κ = n_gallery_neighbors`` nearest
+       gallery features; the map is upsampled and blurred (``sigma = 4``).
 
     **The global feature.** The detector takes it from the embeddings it is
     given: the spatial mean of the *last* ``global_channels`` channels,
@@ -40,17 +40,17 @@ class SPADEDetector(BasePatchDetector):
     Parameters
     ----------
     n_neighbors : int, default=50
-        ``K``, the nearest training images (§4.1: 50; the report also uses
+        ``K``, the nearest training images (report §4.2: 50; it also uses
         10 and 20). Clipped to the number of training images (minus one for
         the leave-one-out calibration).
     n_gallery_neighbors : int, default=1
-        ``κ``, the nearest gallery features per test patch (§4.1: 1).
+        ``κ``, the nearest gallery features per test patch (report §4.2: 1).
     global_channels : int or None, default=None
         Number of trailing embedding channels averaged into the global
         feature; None uses every channel.
     sigma : float, default=4
         Standard deviation, in map pixels, of the Gaussian blur of the anomaly
-        maps (§4.1); 0 disables it.
+        maps (report §4.2); 0 disables it.
     map_size : int, pair of int or None, default=224
         Size ``(H, W)`` of the anomaly maps; None keeps the patch grid.
     contamination : float in (0, 0.5], default=0.1
@@ -216,7 +216,8 @@ class SPADEDetector(BasePatchDetector):
         return _memory_bank.nearest_neighbors(queries, bank, k, **groups)
 
     def _image_scores(self, x, patch_scores=None, first=None):
-        return self._image_knn(x, first)[0].mean(dim=1)
+        # eq. (1): the mean *squared* distance to the K nearest images
+        return self._image_knn(x, first)[0].square().mean(dim=1)
 
     def _patch_scores(self, x):
         _, neighbours = self._image_knn(x)
@@ -228,7 +229,7 @@ class SPADEDetector(BasePatchDetector):
             gallery = patches[neighbours[i]].reshape(-1, n_channels)
             kappa = min(self.n_gallery_neighbors, len(gallery))
             dist, _ = _memory_bank.nearest_neighbors(queries[i], gallery, kappa)
-            scores.append(dist.mean(dim=1))
+            scores.append(dist.square().mean(dim=1))  # squared, as the image score
         return torch.stack(scores).view(n_images, *x.shape[2:])
 
     def _anomaly_scores(self, X, patch_scores=None, leave_one_out=False):
