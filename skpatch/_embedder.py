@@ -99,14 +99,11 @@ def _image_key(item):
                     digest.update(block)
         except OSError:
             return None  # not cached: decoding reports the error
-    elif hasattr(item, "convert") and hasattr(item, "tobytes"):  # a PIL image
-        # the decoded pixels: a palette image's bytes are only its indices
-        array = np.ascontiguousarray(image_array(item))
-        digest.update(f"pil{array.dtype.str}{array.shape}".encode())
-        digest.update(array.data)
     else:
-        array = np.ascontiguousarray(item)
-        digest.update(f"array{array.dtype.str}{array.shape}".encode())
+        # a PIL image by its decoded pixels: a palette image's bytes are only its indices
+        pil = hasattr(item, "convert") and hasattr(item, "tobytes")
+        array = np.ascontiguousarray(image_array(item) if pil else item)
+        digest.update(f"{'pil' if pil else 'array'}{array.dtype.str}{array.shape}".encode())
         digest.update(array.data)
     return digest.hexdigest()
 

@@ -87,7 +87,7 @@ def _load_torchvision_weights(module, weights_enum):
                 f"torchvision's cached weights file {cached!r} cannot be read "
                 f"({type(exc).__name__}): it is corrupt or truncated. {replace}"
             ) from exc
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        reason = (str(exc).strip().splitlines() or [""])[0]
         raise WeightsUnavailableError(
             f"could not obtain torchvision's ImageNet weights {filename} "
             f"({type(exc).__name__}: {reason}). "
